@@ -1,0 +1,188 @@
+"""Packed layers on disk: safetensors files with the format-v1 metadata (docs/FORMAT.md).
+
+A file holds any number of named layers. Layer ``<name>`` is the tensors ``<name>.signs`` (uint8, (N, 4 *
+ceil(K / 32))), ``<name>.s_in`` (E, K), ``<name>.s_out`` (E, N), ``<name>.router`` (E, K) and optionally
+``<name>.bias`` (N,), with metadata ``mosbits.format = "1"`` and ``<name>.shape = "N,K"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mosbits import arrays
+from mosbits.api import check_layer, matmul
+from mosbits.experts import Experts
+from mosbits.format import FORMAT_VERSION, PackedSigns
+
+FORMAT_KEY = "mosbits.format"
+TENSOR_SUFFIXES = ("signs", "s_in", "s_out", "router", "bias")
+_REQUIRED = ("signs", "s_in", "s_out", "router")
+
+
+class FormatError(ValueError):
+    """A file is not a valid mosbits file; the message names the layer and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoSLinearWeights:
+    """Everything one BinaryMoS linear layer needs at inference.
+
+    Attributes:
+        packed: signs (N, K).
+        experts: s_in (E, K), s_out (E, N).
+        router: (E, K).
+        bias: (N,) or None.
+    """
+
+    packed: PackedSigns
+    experts: Experts
+    router: Any
+    bias: Any = None
+
+    def __post_init__(self) -> None:
+        check_layer(self.packed, self.experts, self.router, self.bias)
+
+    def __call__(self, x: Any, backend: str = "auto") -> Any:
+        """``mosbits.matmul`` with this layer's weights: x (..., K) -> (..., N)."""
+        return matmul(x, self.packed, self.experts, self.router, bias=self.bias, backend=backend)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of signs, experts, router and bias together."""
+        return (self.packed.nbytes + self.experts.nbytes + arrays.nbytes(self.router)
+                + (0 if self.bias is None else arrays.nbytes(self.bias)))
+
+
+def save(path: str | os.PathLike, layers: Mapping[str, MoSLinearWeights]) -> None:
+    """Write named layers to a safetensors file, atomically.
+
+    The bytes go to a temporary file in the target's folder, which is flushed, fsynced and renamed over
+    ``path``: an interrupted save never leaves a truncated file under that name.
+
+    Args:
+        path: target file.
+        layers: name -> layer. All arrays must be NumPy, or all torch (any device; bfloat16 needs torch).
+    """
+    if not layers:
+        raise ValueError("save: layers is empty; nothing to write")
+    tensors: dict[str, Any] = {}
+    metadata = {FORMAT_KEY: FORMAT_VERSION}
+    for name, layer in layers.items():
+        if not isinstance(layer, MoSLinearWeights):
+            raise TypeError(f"save: layers[{name!r}] must be MoSLinearWeights, got {type(layer).__name__}")
+        if not name or name.endswith(".") or name == FORMAT_KEY:
+            raise ValueError(f"save: invalid layer name {name!r}")
+        parts = {"signs": layer.packed.data, "s_in": layer.experts.s_in, "s_out": layer.experts.s_out,
+                 "router": layer.router, "bias": layer.bias}
+        tensors.update({f"{name}.{suffix}": a for suffix, a in parts.items() if a is not None})
+        metadata[f"{name}.shape"] = "{},{}".format(*layer.packed.shape)
+    libs = {arrays.library(a) for a in tensors.values()}
+    if len(libs) > 1:
+        raise TypeError("save: mix of numpy and torch arrays; convert all layers to one library")
+    if libs == {"torch"}:
+        from safetensors.torch import save as to_bytes
+
+        tensors = {key: a.detach().contiguous().cpu() for key, a in tensors.items()}
+    else:
+        from safetensors.numpy import save as to_bytes
+    _write_atomically(Path(path), to_bytes(tensors, metadata=metadata))
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | os.PathLike, framework: str = "numpy", device: str = "cpu") -> dict[str, MoSLinearWeights]:
+    """Read and validate every layer of a file written by `save`.
+
+    Args:
+        path: the file.
+        framework: ``"numpy"`` or ``"torch"`` (needed for bfloat16 tensors).
+        device: torch device for the tensors (framework="torch" only).
+
+    Returns:
+        name -> MoSLinearWeights, in file order of names. Either every layer loads and validates, or nothing is
+        returned.
+
+    Raises:
+        FormatError: truncated or unreadable file, unknown format version, missing or unexpected tensors,
+            inconsistent shapes, wrong dtypes, or set padding bits; the message names the layer.
+    """
+    if framework not in ("numpy", "torch"):
+        raise ValueError(f"load: framework must be 'numpy' or 'torch', got {framework!r}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy" if framework == "numpy" else "pt", device=device) as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            _check_version(path, metadata)
+            groups = _group_keys(path, keys)
+            tensors = {key: f.get_tensor(key) for key in keys}
+    except FormatError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    return {name: _build_layer(path, name, suffixes, tensors, metadata) for name, suffixes in groups.items()}
+
+
+def _check_version(path: Any, metadata: Mapping[str, str]) -> None:
+    version = metadata.get(FORMAT_KEY)
+    if version is None:
+        raise FormatError(f"{path}: no '{FORMAT_KEY}' metadata; not a mosbits file")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {version!r} is not supported (this mosbits reads "
+                          f"{FORMAT_VERSION!r}); upgrade mosbits")
+
+
+def _group_keys(path: Any, keys: list[str]) -> dict[str, set[str]]:
+    groups: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, suffix = key.rpartition(".")
+        if not name or suffix not in TENSOR_SUFFIXES:
+            raise FormatError(f"{path}: unexpected tensor {key!r} (layer tensors end in {TENSOR_SUFFIXES})")
+        groups.setdefault(name, set()).add(suffix)
+    if not groups:
+        raise FormatError(f"{path}: holds no layers")
+    return groups
+
+
+def _build_layer(path: Any, name: str, suffixes: set[str], tensors: Mapping[str, Any],
+                 metadata: Mapping[str, str]) -> MoSLinearWeights:
+    where = f"{path}: layer {name!r}"
+    missing = [s for s in _REQUIRED if s not in suffixes]
+    if missing:
+        raise FormatError(f"{where}: missing tensor(s) {', '.join(f'{name}.{s}' for s in missing)}")
+    shape_text = metadata.get(f"{name}.shape")
+    try:
+        n, k = (int(v) for v in shape_text.split(","))
+    except (AttributeError, ValueError):
+        raise FormatError(f"{where}: metadata '{name}.shape' must be 'N,K', got {shape_text!r}") from None
+    get = {s: tensors.get(f"{name}.{s}") for s in TENSOR_SUFFIXES}
+    try:
+        packed = PackedSigns(get["signs"], (n, k)).validate()
+        layer = MoSLinearWeights(packed, Experts(get["s_in"], get["s_out"]), get["router"], get["bias"])
+    except (TypeError, ValueError) as err:
+        raise FormatError(f"{where}: {err}") from err
+    return layer
