@@ -55,7 +55,7 @@ def check_args(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Non
         arrays.array_kind(x)
     except TypeError as err:
         raise TypeError(f"x: {err}") from None
-    n, k = packed.shape
+    k = packed.shape[1]
     x_dtype, layer_dtype = arrays.dtype_name(x), arrays.dtype_name(experts.s_in)
     if x_dtype not in arrays.FLOAT_DTYPES:
         raise TypeError(f"x must be one of {', '.join(arrays.FLOAT_DTYPES)}, got {x_dtype}")

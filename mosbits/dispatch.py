@@ -41,6 +41,7 @@ class BackendSpec:
         requires: import names that must be installed for the backend to load.
         extra: the pip extra that installs them (``pip install 'mosbits[extra]'``), or None.
         priority: lower wins in automatic selection.
+        libraries: array libraries it takes ("numpy", "torch"); the test harness runs each.
         auto_for: array kinds (`mosbits.arrays.array_kind`) for which ``backend="auto"`` considers it.
     """
 
@@ -49,6 +50,7 @@ class BackendSpec:
     requires: tuple[str, ...]
     extra: str | None
     priority: int
+    libraries: tuple[str, ...]
     auto_for: frozenset[str]
 
     def is_installed(self) -> bool:
@@ -58,9 +60,9 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("torch", "mosbits.backends.torch_ops", ("torch",), "torch", 20,
+        BackendSpec("torch", "mosbits.backends.torch_ops", ("torch",), "torch", 20, ("torch",),
                     frozenset({"torch-cpu", "torch-cuda", "torch-mps", "torch-xpu"})),
-        BackendSpec("reference", "mosbits.reference", (), None, 90, frozenset({"numpy"})),
+        BackendSpec("reference", "mosbits.reference", (), None, 90, ("numpy",), frozenset({"numpy"})),
     )
 }
 

@@ -67,7 +67,7 @@ class PackedSigns:
         Raises:
             ValueError: a padding bit is set (the buffer was not written by a v1 packer, or is corrupt).
         """
-        n, k = self.shape
+        k = self.shape[1]
         pad_mask = _padding_mask(k)
         if not pad_mask.any():
             return self

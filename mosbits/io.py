@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from mosbits.format import FORMAT_VERSION, PackedSigns
 FORMAT_KEY = "mosbits.format"
 TENSOR_SUFFIXES = ("signs", "s_in", "s_out", "router", "bias")
 _REQUIRED = ("signs", "s_in", "s_out", "router")
+_SHAPE = re.compile(r"([1-9][0-9]*),([1-9][0-9]*)")
 
 
 class FormatError(ValueError):
@@ -136,11 +138,11 @@ def load(path: str | os.PathLike, framework: str = "numpy", device: str = "cpu")
             metadata = f.metadata() or {}
             keys = list(f.keys())
             _check_version(path, metadata)
-            groups = _group_keys(path, keys)
+            groups = _group_keys(path, keys, metadata)
+            if framework == "numpy":
+                _check_numpy_dtypes(path, f, keys)
             tensors = {key: f.get_tensor(key) for key in keys}
-    except FormatError:
-        raise
-    except FileNotFoundError:
+    except (FormatError, FileNotFoundError):
         raise
     except Exception as err:
         raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
@@ -156,7 +158,7 @@ def _check_version(path: Any, metadata: Mapping[str, str]) -> None:
                           f"{FORMAT_VERSION!r}); upgrade mosbits")
 
 
-def _group_keys(path: Any, keys: list[str]) -> dict[str, set[str]]:
+def _group_keys(path: Any, keys: list[str], metadata: Mapping[str, str]) -> dict[str, set[str]]:
     groups: dict[str, set[str]] = {}
     for key in keys:
         name, _, suffix = key.rpartition(".")
@@ -165,7 +167,17 @@ def _group_keys(path: Any, keys: list[str]) -> dict[str, set[str]]:
         groups.setdefault(name, set()).add(suffix)
     if not groups:
         raise FormatError(f"{path}: holds no layers")
+    orphans = [key for key in metadata if key.endswith(".shape") and key.removesuffix(".shape") not in groups]
+    if orphans:
+        raise FormatError(f"{path}: metadata {orphans[0]!r} describes a layer that has no tensors")
     return groups
+
+
+def _check_numpy_dtypes(path: Any, f: Any, keys: list[str]) -> None:
+    for key in keys:
+        if f.get_slice(key).get_dtype() == "BF16":
+            raise FormatError(f"{path}: tensor {key!r} is bfloat16, which NumPy cannot hold: "
+                              "load with framework='torch'")
 
 
 def _build_layer(path: Any, name: str, suffixes: set[str], tensors: Mapping[str, Any],
@@ -175,10 +187,11 @@ def _build_layer(path: Any, name: str, suffixes: set[str], tensors: Mapping[str,
     if missing:
         raise FormatError(f"{where}: missing tensor(s) {', '.join(f'{name}.{s}' for s in missing)}")
     shape_text = metadata.get(f"{name}.shape")
-    try:
-        n, k = (int(v) for v in shape_text.split(","))
-    except (AttributeError, ValueError):
-        raise FormatError(f"{where}: metadata '{name}.shape' must be 'N,K', got {shape_text!r}") from None
+    match = _SHAPE.fullmatch(shape_text or "")
+    if match is None:
+        raise FormatError(f"{where}: metadata '{name}.shape' must be 'N,K' (positive decimals), "
+                          f"got {shape_text!r}")
+    n, k = int(match[1]), int(match[2])
     get = {s: tensors.get(f"{name}.{s}") for s in TENSOR_SUFFIXES}
     try:
         packed = PackedSigns(get["signs"], (n, k)).validate()

@@ -33,8 +33,7 @@ def pack(w: np.ndarray) -> np.ndarray:
 
 def unpack(data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The (N, K) float64 matrix of +1 / -1 held in format v1 bytes ``data``."""
-    n, k = shape
-    cols = np.arange(k)
+    cols = np.arange(shape[1])
     bits = (data[:, cols // 8] >> (cols % 8).astype(np.uint8)) & 1
     return np.where(bits == 1, 1.0, -1.0)
 

@@ -1,0 +1,202 @@
+"""Tolerances, layer cases and Hypothesis strategies shared by tests/ and bench/.
+
+How results are compared (ARCHITECTURE.md): against the float64 reference, per output element n of a token,
+
+    |y_n - ref_n| <= C * sqrt(K) * (eps_acc + eps_f32 * L) * (sum_k |x_k s_in_k| * |s_out_n| + |bias_n|)
+                     + eps_out * |ref_n| + tiny_out
+
+- eps_acc: unit roundoff of the dtype in which x * s_in enters the binary product (the backend's
+  ``product_dtype``); the sum of K signed terms then errs by about sqrt(K) eps_acc times their mass.
+- eps_f32 * L: the gates come from float32 logits whose error is about sqrt(K) eps_f32 L, with
+  L = max_e sum_k |x_k router_ek| the logit mass; a softmax turns that absolute logit error into the same
+  relative error of g, hence of s_in and s_out.
+- eps_out * |ref| + tiny_out: the final rounding to the output dtype (tiny_out: half its smallest subnormal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any
+
+import numpy as np
+
+from mosbits import arrays, reference
+from mosbits.experts import Experts
+from mosbits.format import PackedSigns, pack
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+HALF_SMALLEST_SUBNORMAL = {"float64": 2.0**-1075, "float32": 2.0**-150, "float16": 2.0**-25,
+                           "bfloat16": 2.0**-134}
+C = 4.0
+"""The one constant of the bound above."""
+
+
+def to_float64(a: Any) -> np.ndarray | None:
+    """A float64 NumPy copy of a NumPy array or torch tensor (any device); None stays None."""
+    if a is None:
+        return None
+    if arrays.is_torch(a):
+        return a.detach().to("cpu").double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded to ``dtype`` (round to nearest even; bfloat16 through float32), as float64."""
+    if dtype != "bfloat16":
+        return a.astype(dtype).astype(np.float64)
+    bits = a.astype(np.float32).view(np.uint32)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & np.uint32(0xFFFF0000)
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def truth(x: Any, packed: PackedSigns, experts: Experts, router: Any, bias: Any = None) -> np.ndarray:
+    """The float64 reference output for arguments of any library and dtype: (..., N) float64."""
+    signs = PackedSigns(np.asarray(packed.data.cpu()) if arrays.is_torch(packed.data) else packed.data,
+                        packed.shape)
+    experts64 = types.SimpleNamespace(s_in=to_float64(experts.s_in), s_out=to_float64(experts.s_out))
+    return reference.matmul(to_float64(x), signs, experts64, to_float64(router), to_float64(bias))
+
+
+def tolerance(x: Any, experts: Experts, router: Any, bias: Any, ref: np.ndarray, *, out_dtype: str,
+              product_dtype: str = "float32") -> np.ndarray:
+    """Per-element bound (..., N) on |y - ref| for a backend whose product runs in ``product_dtype``."""
+    x64, r64 = to_float64(x), to_float64(router)
+    gates = reference.softmax(x64 @ r64.T)
+    s_in = gates @ to_float64(experts.s_in)
+    s_out = gates @ to_float64(experts.s_out)
+    k = x64.shape[-1]
+    mass = np.abs(x64 * s_in).sum(axis=-1, keepdims=True)
+    logit_mass = (np.abs(x64) @ np.abs(r64).T).max(axis=-1, keepdims=True)
+    terms = mass * np.abs(s_out)
+    if bias is not None:
+        terms = terms + np.abs(to_float64(bias))
+    eps_product = C * np.sqrt(k) * (UNIT_ROUNDOFF[product_dtype] + UNIT_ROUNDOFF["float32"] * logit_mass)
+    return eps_product * terms + UNIT_ROUNDOFF[out_dtype] * np.abs(ref) + HALF_SMALLEST_SUBNORMAL[out_dtype]
+
+
+def assert_within(y: Any, ref: np.ndarray, tol: np.ndarray, what: str = "y") -> None:
+    """Fail with the mismatch count, the worst ratio and the first indices when |y - ref| > tol anywhere."""
+    y64 = to_float64(y)
+    assert y64.shape == ref.shape, f"{what}: shape {y64.shape}, expected {ref.shape}"
+    err = np.abs(y64 - ref)
+    bad = ~(err <= tol)
+    if bad.any():
+        idx = [tuple(int(i) for i in row) for row in np.argwhere(bad)[:5]]
+        worst = np.nanmax(np.where(np.isnan(err), np.inf, err / tol))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements outside tolerance (worst |err|/tol = {worst:.3g}); "
+            f"first at {idx}: got {[float(y64[i]) for i in idx]}, reference {[float(ref[i]) for i in idx]}, "
+            f"tolerance {[float(tol[i]) for i in idx]}"
+        )
+
+
+def error_ratio(y: Any, ref: np.ndarray, tol: np.ndarray) -> float:
+    """max |y - ref| / tol (NaN counts as infinitely wrong); <= 1 means within tolerance. 0 for empty y."""
+    err = np.abs(to_float64(y) - ref)
+    if err.size == 0:
+        return 0.0
+    return float(np.nanmax(np.where(np.isnan(err), np.inf, err / tol)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+    """One layer and one input, as float32 NumPy arrays: the source every backend's arguments are made from.
+
+    Attributes:
+        x: (*batch, K); w: (N, K) latent weight; s_in: (E, K); s_out: (E, N); router: (E, K); bias: (N,) or None.
+    """
+
+    x: np.ndarray
+    w: np.ndarray
+    s_in: np.ndarray
+    s_out: np.ndarray
+    router: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def id(self) -> str:
+        """A readable id such as ``M2x3-K63-N17-E4-bias``."""
+        batch = "x".join(str(d) for d in self.x.shape[:-1]) or "none"
+        n, k = self.w.shape
+        return f"M{batch}-K{k}-N{n}-E{self.s_in.shape[0]}" + ("-bias" if self.bias is not None else "")
+
+    def arguments(self, library: str, dtype: str, device: str = "cpu") -> dict[str, Any]:
+        """``mosbits.matmul`` keyword arguments on ``library`` ("numpy" or "torch") in ``dtype``."""
+        if library == "numpy":
+            def convert(a):
+                return a.astype(dtype)
+        else:
+            import torch
+
+            def convert(a):
+                return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=getattr(torch, dtype))
+        return {
+            "x": convert(self.x),
+            "packed": pack(convert(self.w)),
+            "experts": Experts(convert(self.s_in), convert(self.s_out)),
+            "router": convert(self.router),
+            "bias": None if self.bias is None else convert(self.bias),
+        }
+
+
+def random_case(rng: np.random.Generator, batch: tuple[int, ...], k: int, n: int, e: int,
+                bias: bool = False) -> LayerCase:
+    """Activations ~ N(0, 1); scales positive around 1 (as the SVD init gives, normalised); router ~ N(0, 1/K)."""
+    def f32(a):
+        return np.asarray(a, dtype=np.float32)
+
+    return LayerCase(
+        x=f32(rng.standard_normal((*batch, k))),
+        w=f32(rng.standard_normal((n, k))),
+        s_in=f32(rng.uniform(0.5, 1.5, (e, k))),
+        s_out=f32(rng.uniform(0.5, 1.5, (e, n)) / np.sqrt(k)),
+        router=f32(rng.standard_normal((e, k)) / np.sqrt(k)),
+        bias=f32(rng.standard_normal(n)) if bias else None,
+    )
+
+
+def dyadic_case(rng: np.random.Generator, batch: tuple[int, ...], k: int, n: int, e: int,
+                bias: bool = False) -> LayerCase:
+    """A case every backend must compute exactly.
+
+    x: integers in [-8, 8]; scales: powers of two in [1/4, 4]; router: zero, so the gates are exactly 1/E for
+    E a power of two; bias: integers. With K <= 4096 every partial sum is a multiple of 2^-5 below 2^17, which
+    float32 holds exactly, so any summation order gives the same float32 result.
+    """
+    if e & (e - 1):
+        raise ValueError(f"dyadic_case needs E to be a power of two for exact gates, got {e}")
+    if k > 4096:
+        raise ValueError(f"dyadic_case keeps sums exact for K <= 4096, got {k}")
+
+    def powers(shape):
+        return np.exp2(rng.integers(-2, 3, shape)).astype(np.float32)
+
+    return LayerCase(
+        x=rng.integers(-8, 9, (*batch, k)).astype(np.float32),
+        w=rng.standard_normal((n, k)).astype(np.float32),
+        s_in=powers((e, k)),
+        s_out=powers((e, n)),
+        router=np.zeros((e, k), dtype=np.float32),
+        bias=rng.integers(-4, 5, n).astype(np.float32) if bias else None,
+    )
+
+
+def layer_cases(max_k: int = 300, max_n: int = 70, max_e: int = 8):
+    """Hypothesis strategy of `LayerCase` (imports hypothesis when called).
+
+    K in 1..max_k, N in 1..max_n, E in 1..max_e, 0 to 3 batch dims of size 0..4 (including empty batches),
+    bias on or off.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        k = draw(st.integers(1, max_k))
+        n = draw(st.integers(1, max_n))
+        e = draw(st.integers(1, max_e))
+        batch = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=3)))
+        seed = draw(st.integers(0, 2**32 - 1))
+        return random_case(np.random.default_rng(seed), batch, k, n, e, bias=draw(st.booleans()))
+
+    return cases()

@@ -1,0 +1,42 @@
+"""nox sessions: tests per backend, lint, demo.
+
+``nox -s tests`` runs the whole suite once per backend, each in a fresh venv with only that backend's extra
+installed. Installs are constrained by ``constraints/cpu.txt`` (torch's CPU build) unless MOSBITS_CONSTRAINTS
+names another file, or is ``none`` (on a GPU machine, so that pip picks the CUDA build).
+"""
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+
+BACKEND_EXTRAS = {"reference": "test", "torch": "test,torch"}
+CONSTRAINTS = os.environ.get("MOSBITS_CONSTRAINTS", "constraints/cpu.txt")
+
+
+def install(session, *args):
+    constraint = [] if CONSTRAINTS == "none" else ["-c", CONSTRAINTS]
+    session.install(*constraint, *args)
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKEND_EXTRAS), ids=list(BACKEND_EXTRAS))
+def tests(session, backend):
+    """The suite with MOSBITS_TEST_BACKENDS=<backend>: that backend must be installed and pass the harness."""
+    install(session, "-e", f".[{BACKEND_EXTRAS[backend]}]")
+    session.run("pytest", *session.posargs, env={"MOSBITS_TEST_BACKENDS": backend})
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def demo(session):
+    """The main job: `mosbits demo` with every CPU backend installed."""
+    install(session, "-e", ".[torch]")
+    session.run("mosbits", "demo", *session.posargs)
