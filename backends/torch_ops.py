@@ -1,10 +1,10 @@
 """The BinaryMoS layer in plain torch ops, on any device, differentiable.
 
 The signs are unpacked TILE_BYTES at a time along N and never as a whole: for a layer (N, K), a call holds at
-most ``rows * Kp * 6`` extra bytes for the signs, with ``Kp = 32 * ceil(K / 32)`` and
-``rows = max(1, TILE_BYTES // (4 * Kp))`` (a float32 tile of ``rows`` x K plus two uint8 bit temporaries of
-``rows`` x Kp: 12 MiB with the default 8 MiB tile), whatever N is. The same holds in backward, where only the
-packed bytes are saved. Everything after the inputs runs in float32; the result is cast to x's dtype.
+most ``4.5 * rows * Kp`` extra bytes for the signs, with ``Kp = 32 * ceil(K / 32)`` and
+``rows = max(1, TILE_BYTES // (4 * Kp))`` (a float32 tile of ``rows`` x Kp plus its int32 byte index of
+``rows * Kp / 8`` elements: 9 MiB with the default 8 MiB tile), whatever N is. The same holds in backward,
+where only the packed bytes are saved. Everything after the inputs runs in float32; the result is cast to x's dtype.
 """
 
 from __future__ import annotations

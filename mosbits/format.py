@@ -152,16 +152,18 @@ def unpack(packed: PackedSigns, dtype: Any = None) -> Any:
         dtype: output dtype of packed's library (default float32).
 
     Returns:
-        (N, K) array of +1 / -1 on packed's library and device. Besides the result, torch unpacking holds
-        two uint8 temporaries of N * 4 * ceil(K / 32) * 8 bytes.
+        (N, K) array of +1 / -1 on packed's library and device. For torch data the result is a view of an
+        (N, 32 * ceil(K / 32)) array, built by one table lookup per byte through an int32 index of
+        N * 4 * ceil(K / 32) elements.
     """
     n, k = packed.shape
     if arrays.is_torch(packed.data):
         import torch
 
-        shifts = torch.arange(8, dtype=torch.uint8, device=packed.data.device)
-        bits = (packed.data.unsqueeze(-1) >> shifts).bitwise_and_(1)
-        signs = bits.reshape(n, -1)[:, :k].to(torch.float32 if dtype is None else dtype)
-        return signs.mul_(2).sub_(1)
+        data = packed.data
+        codes = torch.arange(256, device=data.device).unsqueeze(1)
+        table = (((codes >> torch.arange(8, device=data.device)) & 1) * 2 - 1).to(
+            torch.float32 if dtype is None else dtype)
+        return table.index_select(0, data.flatten().int()).view(n, -1)[:, :k]
     bits = np.unpackbits(packed.data, axis=1, count=k, bitorder="little")
     return (bits.astype(np.float32 if dtype is None else dtype) * 2) - 1
