@@ -93,11 +93,12 @@ class Experts:
         )
 
 
-def rank1_abs_factors(w: np.ndarray, iterations: int = 100, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+def rank1_abs_factors(w: np.ndarray, iterations: int = 500, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
     """Leading singular pair of |W| by power iteration, scaled as ``(sqrt(sigma) u, sqrt(sigma) v)``.
 
-    |W| is entrywise positive, so (Perron-Frobenius) its leading singular vectors can be taken positive and the
-    iteration from a positive start converges to them without a full SVD (which costs minutes at 11008 x 4096).
+    |W| is entrywise nonnegative, so (Perron-Frobenius) its leading singular vectors can be taken nonnegative and
+    the iteration from a positive start converges to them without a full SVD (which costs minutes at
+    11008 x 4096). It stops when the unit vector v moves by less than ``tol``.
 
     Args:
         w: (N, K) float array.
@@ -107,14 +108,14 @@ def rank1_abs_factors(w: np.ndarray, iterations: int = 100, rtol: float = 1e-10)
     """
     a = np.abs(np.asarray(w, dtype=np.float64))
     v = np.full(a.shape[1], 1.0 / np.sqrt(a.shape[1]))
-    sigma = 0.0
     for _ in range(iterations):
         u = a @ v
         u /= np.linalg.norm(u) or 1.0
-        v = a.T @ u
-        previous, sigma = sigma, float(np.linalg.norm(v))
-        v /= sigma or 1.0
-        if abs(sigma - previous) <= rtol * sigma:
+        v_next = a.T @ u
+        sigma = float(np.linalg.norm(v_next))
+        v_next /= sigma or 1.0
+        moved, v = float(np.linalg.norm(v_next - v)), v_next
+        if moved <= tol:
             break
     root = np.sqrt(sigma)
     return root * u, root * v
