@@ -12,7 +12,7 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
 
-BACKEND_EXTRAS = {"reference": "test", "torch": "test,torch"}
+BACKEND_EXTRAS = {"reference": "test", "torch": "test,torch,bench"}
 CONSTRAINTS = os.environ.get("MOSBITS_CONSTRAINTS", "constraints/cpu.txt")
 
 
@@ -40,3 +40,10 @@ def demo(session):
     """The main job: `mosbits demo` with every CPU backend installed."""
     install(session, "-e", ".[torch]")
     session.run("mosbits", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session):
+    """`mosbits bench` (arguments after --), with every CPU backend and the plot's matplotlib installed."""
+    install(session, "-e", ".[torch,bench]")
+    session.run("mosbits", "bench", *session.posargs)

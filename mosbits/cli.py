@@ -10,9 +10,9 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from mosbits import __version__, demo
+from mosbits import __version__, bench, demo
 
-COMMANDS: dict[str, ModuleType] = {"demo": demo}
+COMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

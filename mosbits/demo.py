@@ -22,9 +22,11 @@ from mosbits import __version__, dispatch, testing
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, pack
 from mosbits.io import MoSLinearWeights
+from mosbits.report import Progress, format_table
 from mosbits.timing import median_time
 
 SUMMARY = "check and time every backend on one random BinaryMoS layer"
+PROGRESS = Progress()
 EXPERT_SPREAD = 0.1
 """Relative spread given to each expert after the SVD init (where all E are equal), as training would, so that
 the router's gates change the output and the check covers them."""
@@ -111,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every backend agrees with the float64 reference, 1 otherwise."""
     backends = args.backends or dispatch.available()
     rng = np.random.default_rng(args.seed)
-    _progress(f"demo: building a {args.n} x {args.k} layer with {args.experts} experts ...")
+    PROGRESS.show(f"demo: building a {args.n} x {args.k} layer with {args.experts} experts ...")
     w, layer = build_layer(args.n, args.k, args.experts, rng)
     layers = {kind: on_kind(layer, kind) for kind in _array_kinds(backends)}
-    _progress_done()
+    PROGRESS.clear()
     print(_header(args, backends))
     print()
     print(size_table(w, layer))
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     for m in args.batches:
         x = rng.standard_normal((m, args.k), dtype=np.float32)
         results += measure_batch(x, w, layers, backends, args.repeats)
-    _progress_done()
+    PROGRESS.clear()
     print(results_table(results))
     for r in results:
         if r.failed:
@@ -191,9 +193,9 @@ def measure_batch(x: np.ndarray, w: np.ndarray, layers: dict[str, MoSLinearWeigh
                   repeats: int) -> list[Result]:
     """Check and time every backend on x (M, K) float32; ``layers`` maps array kind -> the same layer."""
     m = x.shape[0]
-    _progress(f"demo: timing dense numpy x @ W.T at M={m} ...")
+    PROGRESS.show(f"demo: timing dense numpy x @ W.T at M={m} ...")
     dense_seconds = median_time(lambda: x @ w.T, repeats)
-    _progress(f"demo: float64 reference output at M={m} ...")
+    PROGRESS.show(f"demo: float64 reference output at M={m} ...")
     layer = layers["numpy"]
     y64 = testing.truth(x, layer.packed, layer.experts, layer.router)
     return [measure(name, x, y64, layers, repeats, dense_seconds) for name in backends]
@@ -215,14 +217,14 @@ def measure(name: str, x: np.ndarray, y64: np.ndarray, layers: dict[str, MoSLine
     if kind is None:
         return Result(m, name, None, float("nan"), None, dense_seconds, note="; ".join(reasons))
     layer, xk = layers[kind], to_kind(x, kind)
-    _progress(f"demo: checking {name} at M={m} ...")
+    PROGRESS.show(f"demo: checking {name} at M={m} ...")
     ref = layers["numpy"]
     tol = testing.tolerance(x, ref.experts, ref.router, None, y64, out_dtype="float32",
                             product_dtype=module.product_dtype("float32"))
     ratio = testing.error_ratio(layer(xk, backend=name), y64, tol)
     if ratio > 1:
         return Result(m, name, kind, ratio, None, dense_seconds)
-    _progress(f"demo: timing {name} at M={m} ...")
+    PROGRESS.show(f"demo: timing {name} at M={m} ...")
     seconds = median_time(_synchronized(lambda: layer(xk, backend=name), kind), repeats)
     return Result(m, name, kind, ratio, seconds, dense_seconds)
 
@@ -294,31 +296,3 @@ def results_table(results: list[Result]) -> str:
 def _ms(seconds: float) -> str:
     """Milliseconds to three significant digits."""
     return f"{1e3 * seconds:.3g}"
-
-
-def format_table(headers: list[str], rows: list[list[str]], align: str) -> str:
-    """Plain-text table, one ``align`` letter per column (``l`` or ``r``), headers over a rule of dashes."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        padded = (c.ljust(wd) if a == "l" else c.rjust(wd)
-                  for c, wd, a in zip(cells, widths, align, strict=True))
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(headers), line(["-" * wd for wd in widths]), *(line(row) for row in rows)])
-
-
-def _progress(message: str) -> None:
-    """Say on stderr what the demo is doing: one line rewritten in place on a terminal, else a line each."""
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{message}")
-    else:
-        sys.stderr.write(f"{message}\n")
-    sys.stderr.flush()
-
-
-def _progress_done() -> None:
-    """Clear the progress line on a terminal, before stdout writes."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()

@@ -68,7 +68,7 @@ class PackedSigns:
             ValueError: a padding bit is set (the buffer was not written by a v1 packer, or is corrupt).
         """
         k = self.shape[1]
-        pad_mask = _padding_mask(k)
+        pad_mask = padding_mask(k)
         if not pad_mask.any():
             return self
         if arrays.is_torch(self.data):
@@ -90,7 +90,7 @@ class PackedSigns:
         return PackedSigns(self.data.to(device), self.shape)
 
 
-def _padding_mask(k: int) -> np.ndarray:
+def padding_mask(k: int) -> np.ndarray:
     """uint8 (4 * ceil(K / 32),): the bits of a row that lie past column K."""
     bits = np.arange(row_bytes(k) * 8) >= k
     return np.packbits(bits, bitorder="little")

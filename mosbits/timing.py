@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, budget: float | None = None,
+                warmup_time: float = 0.0) -> float:
     """Median wall-clock seconds of one call of ``fn()``.
 
-    Calls ``fn`` ``warmup`` times untimed (JIT compilation, caches, allocator), then ``repeats`` times, each
-    timed alone with `time.perf_counter`. ``fn`` must have finished its work when it returns: for an
-    asynchronous device (CUDA) it must synchronise before returning.
+    Calls ``fn`` ``warmup`` times untimed (JIT compilation, caches, allocator), and then on until
+    ``warmup_time`` seconds have passed (so that another library's thread pool, still spinning after its last
+    call, has gone to sleep), then ``repeats`` times, each timed alone with `time.perf_counter`. With a
+    ``budget`` in seconds, fewer repeats (but at least 3) are made when ``repeats`` calls would take longer.
+    ``fn`` must have finished its work when it returns: on an asynchronous device (CUDA) it must synchronise.
 
     Raises:
         ValueError: repeats < 1 or warmup < 0.
@@ -21,11 +24,16 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         raise ValueError(f"median_time: repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"median_time: warmup must be >= 0, got {warmup}")
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    while time.perf_counter() - start < warmup_time:
+        fn()
+    times: list[float] = []
+    while len(times) < repeats:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if budget is not None and len(times) >= 3 and sum(times) >= budget:
+            break
     return statistics.median(times)

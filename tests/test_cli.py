@@ -57,3 +57,9 @@ def test_median_time_calls_warmup_then_repeats():
     assert seconds >= 0
     with pytest.raises(ValueError, match="repeats"):
         median_time(lambda: None, repeats=0)
+
+
+def test_median_time_budget_stops_early_but_not_before_three():
+    calls = []
+    median_time(lambda: calls.append(1), repeats=50, warmup=0, budget=0.0)
+    assert len(calls) == 3

@@ -1,0 +1,62 @@
+"""mosbits.matmul per backend on LLaMA-7B shapes: time, residency and peak memory. Baselines: baselines.py."""
+
+from mosbits import benchmarking, dispatch
+
+BACKENDS = [name for name in dispatch.BACKENDS if name != "reference"]
+SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
+
+
+def workload(backend, shape, m, e, dtype, resident="cache"):
+    """A gated workload; ``dtype`` "half" is the backend's preferred half type. Raises NotImplementedError
+    (asv: skip) when the backend cannot run here, AssertionError when its output is wrong."""
+    if dtype == "half":
+        dtype = benchmarking.half_dtype(dispatch.spec(backend).libraries[0])
+    work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype, resident)
+    ratio = work.gate()
+    assert ratio <= 1, f"{backend} is wrong: max |y - ref| / tolerance = {ratio:.3g}; not timed"
+    work()
+    return work
+
+
+class Matmul:
+    """One call on a cache-resident layer, fp32 and the backend's half type, E = 1 (OneBit) and 4."""
+
+    params = (BACKENDS, [1, 16, 512], SHAPES, [1, 4], ["float32", "half"])
+    param_names = ["backend", "M", "shape", "E", "dtype"]
+    timeout = 300
+
+    def setup(self, backend, m, shape, e, dtype):
+        self.work = workload(backend, shape, m, e, dtype)
+
+    def time_matmul(self, *params):
+        self.work()
+
+
+class Decode:
+    """Decode-size batches with the layer in cache (one layer reused) or in DRAM (rotating through layers
+    whose packed signs exceed twice the 32 MiB L3), E = 4, fp32."""
+
+    params = (BACKENDS, [1, 16], SHAPES, ["cache", "dram"])
+    param_names = ["backend", "M", "shape", "resident"]
+    timeout = 300
+
+    def setup(self, backend, m, shape, resident):
+        self.work = workload(backend, shape, m, 4, "float32", resident)
+
+    def time_decode(self, *params):
+        self.work()
+
+
+class PeakMemory:
+    """Peak RSS of a packed matmul (compare with baselines.DensePeakMemory): the packed path never holds the
+    dense weight. Ungated: peak memory is not a speed, and the float64 gate would dominate the peak."""
+
+    params = (BACKENDS, [1, 512], SHAPES)
+    param_names = ["backend", "M", "shape"]
+    timeout = 300
+
+    def setup(self, backend, m, shape):
+        self.work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, 4, "float32")
+
+    def peakmem_matmul(self, *params):
+        self.work()

@@ -1,0 +1,252 @@
+"""Time every backend against the dense baselines a user would otherwise run, on LLaMA-7B layer shapes.
+
+For each shape (N x K) and batch size M, in one process: NumPy float32 and torch float32 / bfloat16 dense
+``x @ W.T``, the BinaryMoS authors' formulation (sign() of the fp latent weight every call, then a dense
+matmul), and each mosbits backend, with its layers either cache-resident (one layer reused) or DRAM-resident
+(rotating through enough layers to exceed twice the L3). A backend is timed only after its output passed the
+correctness gate against the float64 reference; a wrong one is reported as WRONG, never as fast.
+
+Columns: median ms per call; "vs dense": the fastest dense baseline's time at that M divided by this time (> 1:
+faster than dense); "GB/s": packed bytes (signs + experts + router) per second; "floor ms": packed bytes over
+the measured read bandwidth, the time a kernel that only reads its weights would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from mosbits import __version__, benchmarking, dispatch
+from mosbits.report import Progress, format_table
+from mosbits.timing import median_time
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SUMMARY = "time every backend against dense baselines on LLaMA-7B shapes"
+DENSE = ("numpy-fp32", "torch-fp32", "torch-bf16")
+
+
+@dataclasses.dataclass
+class Row:
+    """One timed implementation at one shape and batch size."""
+
+    shape: str
+    m: int
+    impl: str
+    kind: str
+    dtype: str
+    seconds: float | None
+    packed_bytes: int | None = None
+    check: str = ""
+    err_ratio: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    default_backends = [b for b in dispatch.available() if b != "reference"]
+    parser.add_argument("--shapes", default=",".join(benchmarking.LLAMA_7B_SHAPES),
+                        help="comma-separated N x K shapes (default: LLaMA-7B's three)")
+    parser.add_argument("--batches", default="1,16,512", help="comma-separated batch sizes M (default: 1,16,512)")
+    parser.add_argument("--backends", default=",".join(default_backends),
+                        help="comma-separated mosbits backends (default: every installed one but the slow "
+                             f"reference: {','.join(default_backends)})")
+    parser.add_argument("--experts", type=int, default=4, help="experts E (default: 4)")
+    parser.add_argument("--dtype", choices=("float32", "half"), default="float32",
+                        help="activation dtype of the mosbits backends and the authors' formulation; 'half' is "
+                             "each backend's preferred half type (default: float32)")
+    parser.add_argument("--resident", choices=("cache", "dram", "both"), default="both",
+                        help="layers reused (cache) or rotated beyond the L3 (dram) (default: both)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for torch, BLAS and numba (default: the libraries' own)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per median, at most (default: 10)")
+    parser.add_argument("--budget", type=float, default=2.0,
+                        help="seconds per median: fewer repeats (>= 3) for slow calls (default: 2)")
+    parser.add_argument("--warmup", type=float, default=0.3,
+                        help="seconds of untimed calls before each median (default: 0.3). NumPy's OpenBLAS and "
+                             "torch's OpenMP threads spin for a while after their last call; on 2 cores a pool "
+                             "still spinning slowed the next library's calls by up to 300x here")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also draw time vs batch size (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; 1 when a backend failed its correctness gate, 0 otherwise."""
+    try:
+        shapes = {s: benchmarking.parse_shape(s) for s in args.shapes.split(",")}
+        batches = [int(b) for b in args.batches.split(",")]
+        backends = [b for b in args.backends.split(",") if b]
+        for name in backends:
+            dispatch.load(name)
+    except (ValueError, ImportError) as err:
+        print(f"mosbits bench: {err}", file=sys.stderr)
+        return 2
+    threads = set_threads(args.threads)
+    progress = Progress()
+    progress.show("bench: measuring memory read bandwidth ...")
+    bandwidth, how = benchmarking.read_bandwidth()
+    residents = ("cache", "dram") if args.resident == "both" else (args.resident,)
+    impls_per_m = len(DENSE) + 1 + len(backends) * len(residents)
+    progress = Progress(len(shapes) * len(batches) * impls_per_m)
+    rows: list[Row] = []
+    for label, shape in shapes.items():
+        for m in batches:
+            rows += measure(label, shape, m, backends, residents, args, progress)
+    progress.clear()
+    info = machine_info(threads, bandwidth, how, args)
+    print(info["header"])
+    for label in shapes:
+        print(f"\n{label} (N x K), E = {args.experts}")
+        print(table([r for r in rows if r.shape == label], bandwidth))
+    if args.json:
+        write_json(args.json, rows, info, bandwidth)
+    if args.plot:
+        plot(args.plot, rows, shapes)
+    wrong = [r for r in rows if r.check == "WRONG"]
+    for r in wrong:
+        print(f"mosbits bench: {r.impl} is WRONG at {r.shape}, M={r.m}: max |y - ref| / tolerance = "
+              f"{r.err_ratio:.3g}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+def set_threads(threads: int | None) -> dict[str, int]:
+    """Set (when given) and report the thread counts of torch, NumPy's BLAS and numba."""
+    counts: dict[str, int] = {}
+    if "torch" in dispatch.available():
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        counts["torch"] = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        if threads:
+            threadpool_limits(threads, user_api="blas")
+        counts["blas"] = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=0)
+    except ImportError:
+        pass
+    if "numba" in sys.modules:
+        numba = sys.modules["numba"]
+        if threads:
+            numba.set_num_threads(threads)
+        counts["numba"] = numba.get_num_threads()
+    return counts
+
+
+def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], residents: tuple[str, ...],
+            args: argparse.Namespace, progress: Progress) -> list[Row]:
+    """Every baseline and backend at one shape and batch size."""
+    rows = []
+
+    def timed(fn: Any) -> float:
+        return median_time(fn, args.repeats, budget=args.budget, warmup_time=args.warmup)
+
+    for name, fn in benchmarking.dense_baselines(shape, m, args.device, include=DENSE).items():
+        progress.step(f"{label} M={m}: dense {name}")
+        rows.append(Row(label, m, f"dense {name}", "dense", DTYPE_NAMES[name.split("-")[1]], timed(fn)))
+    half = benchmarking.half_dtype("torch", args.device)
+    authors_dtype = "float32" if args.dtype == "float32" else half
+    progress.step(f"{label} M={m}: authors' formulation")
+    try:
+        fn = benchmarking.authors_formulation(shape, m, args.experts, authors_dtype, args.device)
+        rows.append(Row(label, m, "authors (sign every call)", "authors", authors_dtype, timed(fn)))
+    except NotImplementedError as err:
+        rows.append(Row(label, m, "authors (sign every call)", "authors", authors_dtype, None, check=str(err)))
+    for backend in backends:
+        library = dispatch.spec(backend).libraries[0]
+        dtype = "float32" if args.dtype == "float32" else benchmarking.half_dtype(library, args.device)
+        for resident in residents:
+            progress.step(f"{label} M={m}: {backend} ({resident}), checking")
+            rows.append(measure_backend(label, shape, m, backend, dtype, resident, args, timed))
+    return rows
+
+
+def measure_backend(label: str, shape: tuple[int, int], m: int, backend: str, dtype: str, resident: str,
+                    args: argparse.Namespace, timed: Any) -> Row:
+    """A backend's row: skipped, WRONG (not timed), or ok and timed."""
+    impl = f"mosbits {backend} ({resident})"
+    try:
+        work = benchmarking.make_workload(backend, shape, m, args.experts, dtype, resident, args.device)
+    except NotImplementedError as err:
+        return Row(label, m, impl, "mosbits", dtype, None, check=f"skipped: {err}")
+    ratio = work.gate()
+    if not ratio <= 1:
+        return Row(label, m, impl, "mosbits", dtype, None, work.packed_bytes, "WRONG", ratio)
+    return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, "ok", ratio)
+
+
+def table(rows: list[Row], bandwidth: float) -> str:
+    """One shape's rows as text, grouped by M."""
+    out = []
+    for r in rows:
+        dense = [d.seconds for d in rows if d.m == r.m and d.kind == "dense" and d.seconds]
+        timed = r.seconds is not None
+        out.append([
+            str(r.m), r.impl, r.dtype,
+            f"{r.seconds * 1e3:.3g}" if timed else "-",
+            f"{min(dense) / r.seconds:.3g}x" if timed and dense else "-",
+            f"{r.packed_bytes / r.seconds / 1e9:.3g}" if timed and r.packed_bytes else "",
+            f"{r.packed_bytes / bandwidth * 1e3:.3g}" if r.packed_bytes else "",
+            r.check,
+        ])
+    return format_table(["M", "implementation", "dtype", "ms", "vs dense", "GB/s", "floor ms", "check"], out,
+                        "rllrrrrl")
+
+
+def machine_info(threads: dict[str, int], bandwidth: float, how: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What the numbers were measured on, as a dict with a printable ``header``."""
+    import numpy as np
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"mosbits": __version__, "numpy": np.__version__, "python": platform.python_version()}
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    header = (f"mosbits bench on {cpu}, {os.cpu_count()} CPUs; threads: "
+              f"{', '.join(f'{k} {v}' for k, v in threads.items()) or 'library defaults'}\n"
+              f"read bandwidth {bandwidth / 1e9:.1f} GB/s ({how}); "
+              f"{', '.join(f'{k} {v}' for k, v in versions.items())}; median of <= {args.repeats} calls")
+    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_method": how, "versions": versions, "experts": args.experts, "header": header}
+
+
+def write_json(path: str, rows: list[Row], info: dict[str, Any], bandwidth: float) -> None:
+    records = []
+    for r in rows:
+        record = dataclasses.asdict(r)
+        record["floor_seconds"] = r.packed_bytes / bandwidth if r.packed_bytes else None
+        records.append(record)
+    with open(path, "w") as f:
+        json.dump({"machine": info, "rows": records}, f, indent=1)
+
+
+def plot(path: str, rows: list[Row], shapes: dict[str, tuple[int, int]]) -> None:
+    """Time vs batch size, log-log, one panel per shape and one line per implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("mosbits bench --plot needs matplotlib: pip install 'mosbits[bench]'") from None
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
+    for ax, label in zip(axes[0], shapes, strict=True):
+        impls = dict.fromkeys(r.impl for r in rows if r.shape == label)
+        for impl in impls:
+            points = [(r.m, r.seconds * 1e3) for r in rows if r.shape == label and r.impl == impl and r.seconds]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=impl,
+                        linestyle="--" if impl.startswith(("dense", "authors")) else "-")
+        ax.set(xscale="log", yscale="log", xlabel="batch size M", ylabel="ms per call", title=f"{label} (N x K)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,228 @@
+"""Workloads shared by the asv suite (bench/) and ``mosbits bench``: layers, inputs, dense baselines, the
+correctness gate and the memory-bandwidth probe.
+
+Every timed callable is built here once, so that asv and the CLI time exactly the same code. torch is imported
+only by the functions that build torch workloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mosbits import arrays, dispatch, testing
+from mosbits.experts import Experts
+from mosbits.format import PackedSigns, padding_mask, row_bytes
+from mosbits.io import MoSLinearWeights
+from mosbits.timing import median_time
+
+LLAMA_7B_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
+"""LLaMA-7B's linear layers as N x K (out x in): q/k/v/o, gate/up, down."""
+
+L3_BYTES = 32 << 20
+MAX_DRAM_LAYERS = 1024
+GATE_ROWS = 8
+"""Rows of x whose outputs the correctness gate compares with the float64 reference (rows are independent)."""
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"11008x4096"`` -> (N, K) = (11008, 4096)."""
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a shape is 'NxK' (e.g. 4096x11008), got {text!r}") from None
+    if n < 1 or k < 1:
+        raise ValueError(f"shape {text!r}: N and K must be >= 1")
+    return n, k
+
+
+def half_dtype(library: str, device: str = "cpu") -> str:
+    """The half type a backend on ``library`` prefers: bfloat16 for torch on CPU, float16 elsewhere."""
+    return "bfloat16" if library == "torch" and device == "cpu" else "float16"
+
+
+def convert(a: np.ndarray, library: str, dtype: str | None, device: str = "cpu") -> Any:
+    """A NumPy array on ``library`` and ``device``, cast to ``dtype`` (None keeps it)."""
+    if library == "numpy":
+        return a if dtype is None else a.astype(dtype)
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return t if dtype is None else t.to(getattr(torch, dtype))
+
+
+def random_layer(rng: np.random.Generator, n: int, k: int, e: int, library: str, dtype: str,
+                 device: str = "cpu") -> MoSLinearWeights:
+    """A layer with random signs (drawn as bytes, padding cleared: no latent weight is ever made),
+    positive scales of a trained layer's magnitude and a N(0, 1/K) router."""
+    data = rng.integers(0, 256, (n, row_bytes(k)), dtype=np.uint8) & ~padding_mask(k)
+    s_in = rng.uniform(0.5, 1.5, (e, k)).astype(np.float32) * np.float32(0.02)
+    s_out = rng.uniform(0.5, 1.5, (e, n)).astype(np.float32)
+    router = (rng.standard_normal((e, k)) / np.sqrt(k)).astype(np.float32)
+    return MoSLinearWeights(
+        PackedSigns(convert(data, library, None, device), (n, k)),
+        Experts(convert(s_in, library, dtype, device), convert(s_out, library, dtype, device)),
+        convert(router, library, dtype, device),
+    )
+
+
+def layers_for(resident: str, n: int, k: int) -> int:
+    """How many distinct layers a workload rotates through: 1 for ``"cache"``; for ``"dram"`` enough that
+    their packed signs exceed twice the 32 MiB L3, so each call reads its layer from memory, but at most
+    MAX_DRAM_LAYERS (layers under 64 KiB, far smaller than any LLM's, stay partly cached)."""
+    if resident == "cache":
+        return 1
+    if resident == "dram":
+        return min(MAX_DRAM_LAYERS, max(2, -(-2 * L3_BYTES // (n * row_bytes(k)))))
+    raise ValueError(f"resident must be 'cache' or 'dram', got {resident!r}")
+
+
+@dataclasses.dataclass
+class Workload:
+    """One backend on one shape, batch and dtype: ``workload()`` runs one call, rotating through ``layers``.
+
+    Attributes:
+        backend: backend name.
+        layers: one or more layers of the same shape, on the backend's arrays.
+        x: (M, K) activations, same library, device and dtype.
+    """
+
+    backend: str
+    layers: list[MoSLinearWeights]
+    x: Any
+    _next: int = 0
+
+    def __call__(self) -> Any:
+        layer = self.layers[self._next]
+        self._next = (self._next + 1) % len(self.layers)
+        return layer(self.x, backend=self.backend)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes one call reads for its layer: signs, experts and router."""
+        return self.layers[0].nbytes
+
+    def gate(self) -> float:
+        """max |y - ref| / tolerance over the first GATE_ROWS rows of the first and the last layer's output
+        (the kernel runs on all M rows); <= 1 passes."""
+        worst = 0.0
+        rows = self.x[:GATE_ROWS]
+        for layer in {id(layer): layer for layer in (self.layers[0], self.layers[-1])}.values():
+            y = layer(self.x, backend=self.backend)[:GATE_ROWS]
+            ref = testing.truth(rows, layer.packed, layer.experts, layer.router)
+            product = dispatch.load(self.backend).product_dtype(arrays.dtype_name(self.x))
+            tol = testing.tolerance(rows, layer.experts, layer.router, None, ref,
+                                    out_dtype=arrays.dtype_name(self.x), product_dtype=product)
+            worst = max(worst, testing.error_ratio(y, ref, tol))
+        return worst
+
+
+def make_workload(backend: str, shape: tuple[int, int], m: int, e: int, dtype: str, resident: str = "cache",
+                  device: str = "cpu", seed: int = 0) -> Workload:
+    """A `Workload` on the backend's first array library.
+
+    Raises:
+        NotImplementedError: the backend is not installed or does not support this dtype or device (asv reads
+            this as "skip").
+    """
+    spec = dispatch.spec(backend)
+    if not spec.is_installed():
+        raise NotImplementedError(f"{backend} is not installed (pip install 'mosbits[{spec.extra}]')")
+    library = spec.libraries[0]
+    if library == "numpy" and (dtype == "bfloat16" or device != "cpu"):
+        raise NotImplementedError(f"{backend} takes NumPy arrays: no {dtype} on {device}")
+    n, k = shape
+    rng = np.random.default_rng(seed)
+    layers = [random_layer(rng, n, k, e, library, dtype, device) for _ in range(layers_for(resident, n, k))]
+    x = convert(rng.standard_normal((m, k)).astype(np.float32), library, dtype, device)
+    first = layers[0]
+    ok, reason = dispatch.load(backend).supports(x, first.packed, first.experts, first.router, None)
+    if not ok:
+        raise NotImplementedError(f"{backend}: {reason}")
+    return Workload(backend, layers, x)
+
+
+def dense_baselines(shape: tuple[int, int], m: int, device: str = "cpu", seed: int = 0,
+                    include: tuple[str, ...] = ("numpy-fp32", "torch-fp32", "torch-bf16")
+                    ) -> dict[str, Callable[[], Any]]:
+    """Dense ``x @ W.T`` as a user without mosbits would run it, W (N, K) of +/-1 values.
+
+    Returns:
+        name -> callable, for the baselines in ``include`` whose library is installed: ``numpy-fp32``,
+        ``torch-fp32``, ``torch-bf16`` (and ``torch-fp16`` on request).
+    """
+    n, k = shape
+    rng = np.random.default_rng(seed)
+    w = np.where(rng.random((n, k), dtype=np.float32) < 0.5, np.float32(-1), np.float32(1))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    out: dict[str, Callable[[], Any]] = {}
+    if "numpy-fp32" in include:
+        out["numpy-fp32"] = _matmul_closure(x, w.T)
+    torch_names = [name for name in include if name.startswith("torch-")]
+    if torch_names and dispatch.spec("torch").is_installed():
+        import torch
+
+        dtypes = {"torch-fp32": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}
+        for name in torch_names:
+            tw = torch.from_numpy(w).to(device=device, dtype=dtypes[name])
+            tx = torch.from_numpy(x).to(device=device, dtype=dtypes[name])
+            out[name] = _matmul_closure(tx, tw.T)
+    return out
+
+
+def _matmul_closure(a: Any, b: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        return a @ b
+
+    return call
+
+
+def authors_formulation(shape: tuple[int, int], m: int, e: int, dtype: str = "float32", device: str = "cpu",
+                        seed: int = 0) -> Callable[[], Any]:
+    """The BinaryMoS authors' inference: sign() of the fp latent weight on every call, a dense matmul, the
+    scales, all in torch in ``dtype`` with the softmax in float32 (PAPER.md).
+
+    Raises:
+        NotImplementedError: torch is not installed.
+    """
+    if not dispatch.spec("torch").is_installed():
+        raise NotImplementedError("the authors' formulation needs torch (pip install 'mosbits[torch]')")
+    import torch
+
+    n, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    tdtype = getattr(torch, dtype)
+
+    def make(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=tdtype)
+
+    w, x = make(n, k, scale=0.02), make(m, k)
+    s_in, s_out, router = make(e, k, scale=0.02).abs(), make(e, n).abs(), make(e, k, scale=k ** -0.5)
+
+    def call() -> torch.Tensor:
+        gates = torch.softmax((x @ router.T).float(), dim=-1).to(tdtype)
+        return ((x * (gates @ s_in)) @ torch.sign(w).T) * (gates @ s_out)
+
+    return call
+
+
+def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, str]:
+    """Measured memory read bandwidth in bytes/s, and how it was measured.
+
+    Sums a float32 array of ``nbytes`` (8x the L3), with torch's threads when torch is installed (as the
+    kernels run), else NumPy's single thread.
+    """
+    if dispatch.spec("torch").is_installed():
+        import torch
+
+        a = torch.ones(nbytes // 4)
+        how = f"torch sum of {nbytes >> 20} MiB float32, {torch.get_num_threads()} threads"
+        seconds = median_time(a.sum, repeats)
+    else:
+        a = np.ones(nbytes // 4, dtype=np.float32)
+        how = f"numpy sum of {nbytes >> 20} MiB float32, 1 thread"
+        seconds = median_time(a.sum, repeats)
+    return nbytes / seconds, how
