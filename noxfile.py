@@ -12,7 +12,12 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
 
-BACKEND_EXTRAS = {"reference": "test", "torch": "test,torch,bench"}
+BACKEND_EXTRAS = {
+    "reference": "test",
+    "numba": "test,numba,torch",
+    "torch": "test,torch,bench",
+}
+BACKEND_ENV: dict[str, dict[str, str]] = {}
 CONSTRAINTS = os.environ.get("MOSBITS_CONSTRAINTS", "constraints/cpu.txt")
 
 
@@ -26,7 +31,7 @@ def install(session, *args):
 def tests(session, backend):
     """The suite with MOSBITS_TEST_BACKENDS=<backend>: that backend must be installed and pass the harness."""
     install(session, "-e", f".[{BACKEND_EXTRAS[backend]}]")
-    session.run("pytest", *session.posargs, env={"MOSBITS_TEST_BACKENDS": backend})
+    session.run("pytest", *session.posargs, env={"MOSBITS_TEST_BACKENDS": backend, **BACKEND_ENV.get(backend, {})})
 
 
 @nox.session

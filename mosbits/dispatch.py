@@ -60,6 +60,8 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
+        BackendSpec("numba", "mosbits.backends.numba", ("numba",), "numba", 10, ("numpy", "torch"),
+                    frozenset({"numpy", "torch-cpu"})),
         BackendSpec("torch", "mosbits.backends.torch_ops", ("torch",), "torch", 20, ("torch",),
                     frozenset({"torch-cpu", "torch-cuda", "torch-mps", "torch-xpu"})),
         BackendSpec("reference", "mosbits.reference", (), None, 90, ("numpy",), frozenset({"numpy"})),

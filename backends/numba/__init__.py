@@ -1,0 +1,118 @@
+"""The Numba CPU backend: exact float32 lookup-table kernels.
+
+For each group of 4 inputs a token's 16 signed partial sums form a float32 table, and a SIMD permute looks the
+table up with the 4 sign bits of one weight row per lane: 64 weights per instruction with AVX-512, 32 with
+AVX2 (see _simd.py), scalar lookups elsewhere. Everything runs in float32 (the gates, the scales, the tables and
+the sums); results are within the reference tolerance and exact on dyadic inputs.
+
+The instruction set is detected at run time; ``MOSBITS_NUMBA_ISA=avx512|avx2|portable`` (or `forced_isa`)
+forces one, and a forced set the CPU lacks is refused, never emulated. Kernels compile on first use. Threads:
+``numba.set_num_threads``. NumPy arrays and CPU torch tensors are accepted; the backend is not differentiable,
+so it declines tensors that require grad (``backend="auto"`` then uses the torch backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from llvmlite import binding
+
+from mosbits import arrays
+from mosbits.backends.numba import _kernels, layout
+from mosbits.format import row_bytes
+
+ISA_ENV_VAR = "MOSBITS_NUMBA_ISA"
+LANES = {"avx512": 16, "avx2": 8, "portable": 1}
+
+
+@functools.cache
+def host_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first (``"portable"`` always); asked of LLVM once."""
+    features = binding.get_host_cpu_features()
+    found = [isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2")) if features.get(flag)]
+    return [*found, "portable"]
+
+
+_forced: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str) -> Iterator[None]:
+    """Within the block, use ``isa`` (for tests and benchmarks; the environment variable does the same)."""
+    previous, _forced[0] = _forced[0], isa
+    try:
+        yield
+    finally:
+        _forced[0] = previous
+
+
+def selected_isa() -> tuple[str | None, str]:
+    """(isa, "") or (None, why the forced one cannot run here)."""
+    forced = _forced[0] or os.environ.get(ISA_ENV_VAR)
+    if not forced:
+        return host_isas()[0], ""
+    if forced not in LANES:
+        return None, f"{ISA_ENV_VAR}={forced!r} is not one of {', '.join(LANES)}"
+    if forced not in host_isas():
+        return None, f"{ISA_ENV_VAR}={forced!r}: this CPU supports only {', '.join(host_isas())}"
+    return forced, ""
+
+
+def supports(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> tuple[bool, str]:
+    isa, reason = selected_isa()
+    if isa is None:
+        return False, reason
+    if arrays.is_torch(x):
+        import torch
+
+        if x.device.type != "cpu":
+            return False, f"the numba backend runs on the CPU, got a tensor on {x.device}"
+        tensors = (x, experts.s_in, experts.s_out, router, bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return False, "the numba backend is not differentiable; use backend='torch' for training"
+    return True, ""
+
+
+def product_dtype(x_dtype: str) -> str:
+    return "float32"
+
+
+def _float32(a: Any) -> np.ndarray:
+    """A C-contiguous float32 NumPy array (a view where possible) of a NumPy array or CPU tensor."""
+    if arrays.is_torch(a):
+        import torch
+
+        return a.detach().to(torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
+    """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias, g = softmax(x @ router.T), x (..., K)."""
+    isa, reason = selected_isa()
+    if isa is None:
+        raise ValueError(reason)
+    n, k = packed.shape
+    x32 = _float32(x).reshape(-1, k)
+    lanes = LANES[isa]
+    np_ = -(-n // lanes) * lanes
+    bias32 = np.zeros(n, np.float32) if bias is None else _float32(bias)
+    tables, scale_out, bias_padded = _kernels.prepare(x32, _float32(router), _float32(experts.s_in),
+                                                      _float32(experts.s_out), bias32, 8 * row_bytes(k), np_)
+    out = arrays.empty(x32, (x32.shape[0], np_), np.float32)
+    data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
+    if isa == "portable":
+        _kernels.portable_kernel(tables, data, scale_out, bias_padded, out)
+    else:
+        blocks = layout.cached_row_blocks(packed.data, data, lanes)
+        _kernels.lookup_kernel(lanes)(tables, blocks, scale_out, bias_padded, out)
+    y = out[:, :n].reshape(*x.shape[:-1], n)
+    if arrays.is_torch(x):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
+    return y.astype(x.dtype, copy=False)

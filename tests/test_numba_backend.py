@@ -1,0 +1,101 @@
+"""The Numba backend beyond the shared harness: every instruction-set path through the harness's checks,
+forcing rules, the derived layout, and the refusal of tensors that need gradients."""
+
+import gc
+
+import numpy as np
+import pytest
+from conftest import REQUIRED
+from hypothesis import given
+from test_backends import check_close, run
+
+import mosbits
+from mosbits import dispatch, testing
+
+if not dispatch.spec("numba").is_installed():
+    pytest.skip("numba not installed: pip install 'mosbits[numba]'", allow_module_level=True) if "numba" not in \
+        REQUIRED else pytest.fail("numba is required but not installed", pytrace=False)
+
+numba_backend = dispatch.load("numba")
+from mosbits.backends.numba import layout  # noqa: E402
+
+ISAS = numba_backend.host_isas()
+LIBRARIES = [("numpy", "float32"), ("numpy", "float16")]
+if dispatch.spec("torch").is_installed():
+    LIBRARIES += [("torch", "float32"), ("torch", "bfloat16")]
+
+
+@pytest.fixture(params=ISAS)
+def forced(request):
+    with numba_backend.forced_isa(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize(("library", "dtype"), LIBRARIES, ids=[f"{lib}-{d}" for lib, d in LIBRARIES])
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=testing.layer_cases())
+def test_every_isa_matches_reference(isa, library, dtype, case):
+    with numba_backend.forced_isa(isa):
+        check_close(case, "numba", library, dtype, numba_backend)
+
+
+@pytest.mark.parametrize(("batch", "k", "n", "e"), [
+    ((1,), 1, 1, 1), ((2,), 33, 17, 3), ((37,), 100, 40, 4), ((5, 3), 257, 16, 8), ((1,), 4096, 33, 4),
+    ((9,), 63, 1, 2), ((0,), 64, 9, 2),
+], ids=lambda v: str(v))
+def test_every_isa_on_awkward_shapes(forced, batch, k, n, e):
+    for bias in (False, True):
+        check_close(testing.random_case(np.random.default_rng(n), batch, k, n, e, bias), "numba", "numpy",
+                    "float32", numba_backend)
+
+
+@pytest.mark.parametrize(("batch", "k", "n", "e"), [((6,), 37, 17, 2), ((11,), 1000, 33, 4), ((1,), 4096, 16, 8)],
+                         ids=lambda v: str(v))
+def test_every_isa_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
+    case = testing.dyadic_case(np.random.default_rng(k), batch, k, n, e, bias=True)
+    y, args = run(case, "numba", "numpy", "float32", numba_backend)
+    np.testing.assert_array_equal(y, testing.truth(**args).astype(np.float32))
+
+
+def test_a_forced_isa_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(numba_backend, "host_isas", lambda: ["portable"])
+    args = testing.random_case(np.random.default_rng(0), (2,), 40, 9, 2).arguments("numpy", "float32")
+    with numba_backend.forced_isa("avx512"), pytest.raises(ValueError, match="this CPU supports only portable"):
+        mosbits.matmul(**args, backend="numba")
+    monkeypatch.setenv(numba_backend.ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match="'sse9' is not one of avx512, avx2, portable"):
+        mosbits.matmul(**args, backend="numba")
+
+
+def test_tensors_that_need_gradients_go_to_the_torch_backend():
+    torch = pytest.importorskip("torch")
+    args = testing.random_case(np.random.default_rng(0), (2,), 40, 9, 2).arguments("torch", "float32")
+    args["x"].requires_grad_(True)
+    with pytest.raises(ValueError, match="not differentiable"):
+        mosbits.matmul(**args, backend="numba")
+    mosbits.matmul(**args).sum().backward()
+    assert args["x"].grad is not None and torch.isfinite(args["x"].grad).all()
+    with torch.no_grad():
+        mosbits.matmul(**args, backend="numba")
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_row_blocks_transpose_bytes_within_blocks(lanes):
+    data = np.random.default_rng(lanes).integers(0, 256, (21, 12), dtype=np.uint8)
+    blocks = layout.row_blocks(data, lanes)
+    assert blocks.shape == (-(-21 // lanes), 12 * lanes)
+    for n in range(21):
+        for j in range(12):
+            assert blocks[n // lanes, lanes * j + n % lanes] == data[n, j]
+    assert not blocks.reshape(-1, 12, lanes).transpose(0, 2, 1).reshape(-1, 12)[21:].any()
+
+
+def test_row_blocks_are_cached_per_packed_object():
+    packed = mosbits.pack(np.random.default_rng(0).standard_normal((20, 40)).astype(np.float32))
+    first = layout.cached_row_blocks(packed.data, packed.data, 16)
+    assert layout.cached_row_blocks(packed.data, packed.data, 16) is first
+    assert layout.cached_row_blocks(packed.data, packed.data, 8) is not first
+    count = len(layout._cache)
+    del packed, first
+    gc.collect()
+    assert len(layout._cache) == count - 2
