@@ -8,7 +8,9 @@ correctness gate against the float64 reference; a wrong one is reported as WRONG
 
 Columns: median ms per call; "vs dense": the fastest dense baseline's time at that M divided by this time (> 1:
 faster than dense); "GB/s": packed bytes (signs + experts + router) per second; "floor ms": packed bytes over
-the measured read bandwidth, the time a kernel that only reads its weights would take.
+the measured read bandwidth, the time a kernel that only reads its weights would take; "1st call ms": the
+workload's first call, with the derivation of kernel layouts and, on a process's first workload of a backend,
+JIT compilation.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Row:
     packed_bytes: int | None = None
     check: str = ""
     err_ratio: float | None = None
+    first_call_seconds: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,10 +176,11 @@ def measure_backend(label: str, shape: tuple[int, int], m: int, backend: str, dt
         work = benchmarking.make_workload(backend, shape, m, args.experts, dtype, resident, args.device)
     except NotImplementedError as err:
         return Row(label, m, impl, "mosbits", dtype, None, check=f"skipped: {err}")
+    first = median_time(work, repeats=1, warmup=0)
     ratio = work.gate()
     if not ratio <= 1:
-        return Row(label, m, impl, "mosbits", dtype, None, work.packed_bytes, "WRONG", ratio)
-    return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, "ok", ratio)
+        return Row(label, m, impl, "mosbits", dtype, None, work.packed_bytes, "WRONG", ratio, first)
+    return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, "ok", ratio, first)
 
 
 def table(rows: list[Row], bandwidth: float) -> str:
@@ -191,10 +195,11 @@ def table(rows: list[Row], bandwidth: float) -> str:
             f"{min(dense) / r.seconds:.3g}x" if timed and dense else "-",
             f"{r.packed_bytes / r.seconds / 1e9:.3g}" if timed and r.packed_bytes else "",
             f"{r.packed_bytes / bandwidth * 1e3:.3g}" if r.packed_bytes else "",
+            f"{r.first_call_seconds * 1e3:.3g}" if r.first_call_seconds is not None else "",
             r.check,
         ])
-    return format_table(["M", "implementation", "dtype", "ms", "vs dense", "GB/s", "floor ms", "check"], out,
-                        "rllrrrrl")
+    headers = ["M", "implementation", "dtype", "ms", "vs dense", "GB/s", "floor ms", "1st call ms", "check"]
+    return format_table(headers, out, "rllrrrrrl")
 
 
 def machine_info(threads: dict[str, int], bandwidth: float, how: str, args: argparse.Namespace) -> dict[str, Any]:

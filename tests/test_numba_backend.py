@@ -1,5 +1,6 @@
-"""The Numba backend beyond the shared harness: every instruction-set path through the harness's checks,
-forcing rules, the derived layout, and the refusal of tensors that need gradients."""
+"""The Numba backend beyond the shared harness: every kernel (each instruction set's lookup path, and the
+gemm path) through the harness's checks, the forcing rules, the derived layout, and the refusal of tensors
+that need gradients."""
 
 import gc
 
@@ -13,29 +14,35 @@ import mosbits
 from mosbits import dispatch, testing
 
 if not dispatch.spec("numba").is_installed():
-    pytest.skip("numba not installed: pip install 'mosbits[numba]'", allow_module_level=True) if "numba" not in \
-        REQUIRED else pytest.fail("numba is required but not installed", pytrace=False)
+    if "numba" in REQUIRED:
+        raise ImportError("MOSBITS_TEST_BACKENDS requires numba, which is not installed")
+    pytest.skip("numba not installed: pip install 'mosbits[numba]'", allow_module_level=True)
 
 numba_backend = dispatch.load("numba")
 from mosbits.backends.numba import layout  # noqa: E402
 
 ISAS = numba_backend.host_isas()
+KERNELS = [(isa, "lookup") for isa in ISAS] + [(None, "gemm")]
+KERNEL_IDS = [f"{isa}-lookup" for isa in ISAS] + ["gemm"]
 LIBRARIES = [("numpy", "float32"), ("numpy", "float16")]
 if dispatch.spec("torch").is_installed():
     LIBRARIES += [("torch", "float32"), ("torch", "bfloat16")]
 
 
-@pytest.fixture(params=ISAS)
-def forced(request):
-    with numba_backend.forced_isa(request.param):
+@pytest.fixture(params=KERNELS, ids=KERNEL_IDS)
+def forced(request, monkeypatch):
+    """Each kernel path in turn; the gemm path with small tiles so that every case spans several."""
+    monkeypatch.setattr(numba_backend, "GEMM_TILE_BYTES", 3 * 4 * 32)
+    isa, path = request.param
+    with numba_backend.forced(isa, path):
         yield request.param
 
 
 @pytest.mark.parametrize(("library", "dtype"), LIBRARIES, ids=[f"{lib}-{d}" for lib, d in LIBRARIES])
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("isa", "path"), KERNELS, ids=KERNEL_IDS)
 @given(case=testing.layer_cases())
-def test_every_isa_matches_reference(isa, library, dtype, case):
-    with numba_backend.forced_isa(isa):
+def test_every_kernel_matches_reference(isa, path, library, dtype, case):
+    with numba_backend.forced(isa, path):
         check_close(case, "numba", library, dtype, numba_backend)
 
 
@@ -43,7 +50,7 @@ def test_every_isa_matches_reference(isa, library, dtype, case):
     ((1,), 1, 1, 1), ((2,), 33, 17, 3), ((37,), 100, 40, 4), ((5, 3), 257, 16, 8), ((1,), 4096, 33, 4),
     ((9,), 63, 1, 2), ((0,), 64, 9, 2),
 ], ids=lambda v: str(v))
-def test_every_isa_on_awkward_shapes(forced, batch, k, n, e):
+def test_every_kernel_on_awkward_shapes(forced, batch, k, n, e):
     for bias in (False, True):
         check_close(testing.random_case(np.random.default_rng(n), batch, k, n, e, bias), "numba", "numpy",
                     "float32", numba_backend)
@@ -51,7 +58,7 @@ def test_every_isa_on_awkward_shapes(forced, batch, k, n, e):
 
 @pytest.mark.parametrize(("batch", "k", "n", "e"), [((6,), 37, 17, 2), ((11,), 1000, 33, 4), ((1,), 4096, 16, 8)],
                          ids=lambda v: str(v))
-def test_every_isa_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
+def test_every_kernel_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
     case = testing.dyadic_case(np.random.default_rng(k), batch, k, n, e, bias=True)
     y, args = run(case, "numba", "numpy", "float32", numba_backend)
     np.testing.assert_array_equal(y, testing.truth(**args).astype(np.float32))
@@ -60,10 +67,21 @@ def test_every_isa_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
 def test_a_forced_isa_the_cpu_lacks_is_refused(monkeypatch):
     monkeypatch.setattr(numba_backend, "host_isas", lambda: ["portable"])
     args = testing.random_case(np.random.default_rng(0), (2,), 40, 9, 2).arguments("numpy", "float32")
-    with numba_backend.forced_isa("avx512"), pytest.raises(ValueError, match="this CPU supports only portable"):
+    with numba_backend.forced("avx512"), pytest.raises(ValueError, match="this CPU supports only portable"):
         mosbits.matmul(**args, backend="numba")
     monkeypatch.setenv(numba_backend.ISA_ENV_VAR, "sse9")
     with pytest.raises(ValueError, match="'sse9' is not one of avx512, avx2, portable"):
+        mosbits.matmul(**args, backend="numba")
+
+
+def test_the_batch_size_picks_the_path(monkeypatch):
+    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M - 1) == ("lookup", "")
+    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M) == ("gemm", "")
+    monkeypatch.setenv(numba_backend.PATH_ENV_VAR, "lookup")
+    assert numba_backend.selected_path(10_000) == ("lookup", "")
+    monkeypatch.setenv(numba_backend.PATH_ENV_VAR, "dense")
+    args = testing.random_case(np.random.default_rng(0), (2,), 40, 9, 2).arguments("numpy", "float32")
+    with pytest.raises(ValueError, match="'dense' is not one of lookup, gemm"):
         mosbits.matmul(**args, backend="numba")
 
 

@@ -5,8 +5,10 @@ table up with the 4 sign bits of one weight row per lane: 64 weights per instruc
 AVX2 (see _simd.py), scalar lookups elsewhere. Everything runs in float32 (the gates, the scales, the tables and
 the sums); results are within the reference tolerance and exact on dyadic inputs.
 
-The instruction set is detected at run time; ``MOSBITS_NUMBA_ISA=avx512|avx2|portable`` (or `forced_isa`)
-forces one, and a forced set the CPU lacks is refused, never emulated. Kernels compile on first use. Threads:
+From GEMM_MIN_M tokens on, B is instead unpacked in bounded float32 tiles for NumPy's BLAS (the "gemm" path).
+The instruction set is detected at run time; ``MOSBITS_NUMBA_ISA=avx512|avx2|portable`` and
+``MOSBITS_NUMBA_PATH=lookup|gemm`` (or `forced`) force one, and a forced set the CPU lacks is refused, never
+emulated. Kernels compile on first use. Threads:
 ``numba.set_num_threads``. NumPy arrays and CPU torch tensors are accepted; the backend is not differentiable,
 so it declines tensors that require grad (``backend="auto"`` then uses the torch backend).
 """
@@ -38,35 +40,54 @@ def host_isas() -> list[str]:
     return [*found, "portable"]
 
 
-_forced: list[str | None] = [None]
+GEMM_MIN_M = 64
+"""From this batch size on, B is unpacked tile by tile for a BLAS matmul instead of looked up token by token."""
+GEMM_TILE_BYTES = 4 << 20
+PATH_ENV_VAR = "MOSBITS_NUMBA_PATH"
+PATHS = ("lookup", "gemm")
+
+_forced: dict[str, str | None] = {"isa": None, "path": None}
 
 
 @contextlib.contextmanager
-def forced_isa(isa: str) -> Iterator[None]:
-    """Within the block, use ``isa`` (for tests and benchmarks; the environment variable does the same)."""
-    previous, _forced[0] = _forced[0], isa
+def forced(isa: str | None = None, path: str | None = None) -> Iterator[None]:
+    """Within the block, use this instruction set and/or path (for tests and benchmarks; the variables
+    MOSBITS_NUMBA_ISA and MOSBITS_NUMBA_PATH do the same)."""
+    previous = dict(_forced)
+    _forced.update({"isa": isa or previous["isa"], "path": path or previous["path"]})
     try:
         yield
     finally:
-        _forced[0] = previous
+        _forced.update(previous)
 
 
 def selected_isa() -> tuple[str | None, str]:
     """(isa, "") or (None, why the forced one cannot run here)."""
-    forced = _forced[0] or os.environ.get(ISA_ENV_VAR)
-    if not forced:
+    forced_isa = _forced["isa"] or os.environ.get(ISA_ENV_VAR)
+    if not forced_isa:
         return host_isas()[0], ""
-    if forced not in LANES:
-        return None, f"{ISA_ENV_VAR}={forced!r} is not one of {', '.join(LANES)}"
-    if forced not in host_isas():
-        return None, f"{ISA_ENV_VAR}={forced!r}: this CPU supports only {', '.join(host_isas())}"
-    return forced, ""
+    if forced_isa not in LANES:
+        return None, f"{ISA_ENV_VAR}={forced_isa!r} is not one of {', '.join(LANES)}"
+    if forced_isa not in host_isas():
+        return None, f"{ISA_ENV_VAR}={forced_isa!r}: this CPU supports only {', '.join(host_isas())}"
+    return forced_isa, ""
+
+
+def selected_path(m: int) -> tuple[str | None, str]:
+    """("lookup" or "gemm", "") for a batch of m tokens, or (None, why the forced path is unknown)."""
+    forced_path = _forced["path"] or os.environ.get(PATH_ENV_VAR)
+    if not forced_path:
+        return ("gemm" if m >= GEMM_MIN_M else "lookup"), ""
+    if forced_path not in PATHS:
+        return None, f"{PATH_ENV_VAR}={forced_path!r} is not one of {', '.join(PATHS)}"
+    return forced_path, ""
 
 
 def supports(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> tuple[bool, str]:
     isa, reason = selected_isa()
-    if isa is None:
-        return False, reason
+    path, path_reason = selected_path(1)
+    if isa is None or path is None:
+        return False, reason or path_reason
     if arrays.is_torch(x):
         import torch
 
@@ -93,26 +114,42 @@ def _float32(a: Any) -> np.ndarray:
 
 def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias, g = softmax(x @ router.T), x (..., K)."""
-    isa, reason = selected_isa()
-    if isa is None:
-        raise ValueError(reason)
     n, k = packed.shape
     x32 = _float32(x).reshape(-1, k)
-    lanes = LANES[isa]
+    isa, reason = selected_isa()
+    path, path_reason = selected_path(x32.shape[0])
+    if isa is None or path is None:
+        raise ValueError(reason or path_reason)
+    lanes = LANES[isa] if path == "lookup" else 1
     np_ = -(-n // lanes) * lanes
     bias32 = np.zeros(n, np.float32) if bias is None else _float32(bias)
-    tables, scale_out, bias_padded = _kernels.prepare(x32, _float32(router), _float32(experts.s_in),
-                                                      _float32(experts.s_out), bias32, 8 * row_bytes(k), np_)
+    xs, scale_out, bias_padded = _kernels.scales(x32, _float32(router), _float32(experts.s_in),
+                                                 _float32(experts.s_out), bias32, 8 * row_bytes(k), np_)
     out = arrays.empty(x32, (x32.shape[0], np_), np.float32)
     data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
-    if isa == "portable":
-        _kernels.portable_kernel(tables, data, scale_out, bias_padded, out)
+    if path == "gemm":
+        _gemm(xs, data, scale_out, bias_padded, out[:, :n])
+    elif isa == "portable":
+        _kernels.portable_kernel(_kernels.lookup_tables(xs), data, scale_out, bias_padded, out)
     else:
         blocks = layout.cached_row_blocks(packed.data, data, lanes)
-        _kernels.lookup_kernel(lanes)(tables, blocks, scale_out, bias_padded, out)
+        _kernels.lookup_kernel(lanes)(_kernels.lookup_tables(xs), blocks, scale_out, bias_padded, out)
     y = out[:, :n].reshape(*x.shape[:-1], n)
     if arrays.is_torch(x):
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
     return y.astype(x.dtype, copy=False)
+
+
+def _gemm(xs: np.ndarray, data: np.ndarray, scale_out: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """out (M, N) = (xs (M, Kp) @ B.T) * scale_out + bias, with B unpacked GEMM_TILE_BYTES of float32 rows at a
+    time (never the whole matrix) and multiplied by NumPy's BLAS."""
+    n, kp = out.shape[1], xs.shape[1]
+    rows = max(1, GEMM_TILE_BYTES // (4 * kp))
+    tile = np.empty((min(rows, n), kp), dtype=np.float32)
+    for n0 in range(0, n, rows):
+        count = min(rows, n - n0)
+        _kernels.unpack_rows(data, n0, tile[:count])
+        out[:, n0:n0 + count] = xs @ tile[:count].T
+    _kernels.scale_rows(out, scale_out, bias)

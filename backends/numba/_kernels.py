@@ -4,10 +4,12 @@ Shapes: M tokens, K inputs padded to Kp = 32 * ceil(K / 32), N outputs padded to
 E experts. Group g holds inputs 4g .. 4g + 3; byte j of a packed row holds groups 2j (low nibble) and 2j + 1
 (high nibble), bit b of a nibble being the sign of input 4g + b (format v1).
 
-1. `prepare`: gates, input scales, per-token lookup tables and output scales.
-2. A lookup kernel: `lookup_kernel(ops)` for the SIMD paths (one output row per lane, see _simd.py), or
-   `portable_kernel` (scalar, reads the format v1 bytes directly).
-Both write ``out[m, n] = (sum_g table[m, g][code(n, g)]) * scale_out[m, n] + bias[n]``.
+1. `scales`: the gates, x * s_in and s_out per token.
+2. For decode-sized batches, `lookup_tables` and a lookup kernel: `lookup_kernel(lanes)` for the SIMD paths
+   (one output row per lane, see _simd.py) or `portable_kernel` (scalar, on the format v1 bytes). Both write
+   ``out[m, n] = (sum_g table[m, g][code(n, g)]) * scale_out[m, n] + bias[n]``.
+3. For large batches, `unpack_rows` turns row tiles of B into float32 for a BLAS matmul (in __init__.py), and
+   `scale_rows` applies the output scale and bias.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from mosbits.backends.numba import _simd
 FASTMATH = {"reassoc", "contract"}
 """Reassociation lets LLVM vectorise reductions; NaN and inf keep their meaning (no nnan / ninf)."""
 
-TOKEN_CHUNK = 4
-"""Tokens processed per sweep over the weights: their lookup tables (4 x 16 floats per 4 inputs, 256 KiB at
-K = 4096) stay in L2 while each row block's codes stay in L1."""
+K_TILE = 128
+"""Byte columns (256 groups of 4 inputs) per tile: a token's table slice is 16 KiB and stays in L1 while the
+kernel sweeps a chunk of row blocks (measured best of 64..512 at K = 4096 and 11008)."""
+
+ROW_CHUNK = 32
+"""Row blocks per parallel work item: their codes for one K tile (64 KiB with 16 lanes) stay in L2 while the
+kernel runs every token over them."""
 
 SIGN_OF_BIT = np.array([[1.0 if (code >> bit) & 1 else -1.0 for bit in range(4)] for code in range(16)],
                        dtype=np.float32)
@@ -32,23 +38,21 @@ SIGN_OF_BIT = np.array([[1.0 if (code >> bit) & 1 else -1.0 for bit in range(4)]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def prepare(x, router, s_in, s_out, bias, kp, np_):
-    """Everything per token that the lookup kernels read.
+def scales(x, router, s_in, s_out, bias, kp, np_):
+    """The token-adaptive scales, applied to the inputs.
 
     Args:
         x: (M, K) float32; router, s_in: (E, K) float32; s_out: (E, N) float32; bias: (N,) float32 (zeros when
             the layer has none); kp: K padded to 32; np_: N padded to the lanes.
 
     Returns:
-        tables: (M, Kp / 4 * 16) float32; tables[m, 16 g + c] = sum_b SIGN_OF_BIT[c, b] * xs[m, 4 g + b] with
-            xs = x * (g @ s_in), zero past K.
+        xs: (M, Kp) float32, x * (g @ s_in) with g = softmax(x @ router.T), zero past K.
         scale_out: (M, Np) float32, g @ s_out, zero past N.
         bias_padded: (Np,) float32.
     """
     m_count, k = x.shape
     e_count, n = s_out.shape
-    signs = SIGN_OF_BIT
-    tables = np.empty((m_count, kp // 4 * 16), dtype=np.float32)
+    xs = np.zeros((m_count, kp), dtype=np.float32)
     scale_out = np.zeros((m_count, np_), dtype=np.float32)
     bias_padded = np.zeros(np_, dtype=np.float32)
     bias_padded[:n] = bias
@@ -61,20 +65,29 @@ def prepare(x, router, s_in, s_out, bias, kp, np_):
             gates[e] = logit
         gates = np.exp(gates - gates.max())
         gates /= gates.sum()
-        xs = np.zeros(kp, dtype=np.float32)
         for i in range(k):
             scale = np.float32(0.0)
             for e in range(e_count):
                 scale += gates[e] * s_in[e, i]
-            xs[i] = x[m, i] * scale
-        for g in range(kp // 4):
-            a0, a1, a2, a3 = xs[4 * g], xs[4 * g + 1], xs[4 * g + 2], xs[4 * g + 3]
-            for c in range(16):
-                tables[m, 16 * g + c] = a0 * signs[c, 0] + a1 * signs[c, 1] + a2 * signs[c, 2] + a3 * signs[c, 3]
+            xs[m, i] = x[m, i] * scale
         for e in range(e_count):
             for i in range(n):
                 scale_out[m, i] += gates[e] * s_out[e, i]
-    return tables, scale_out, bias_padded
+    return xs, scale_out, bias_padded
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def lookup_tables(xs):
+    """tables (M, Kp / 4 * 16) float32 of xs (M, Kp): tables[m, 16 g + c] = sum_b SIGN_OF_BIT[c, b] xs[m, 4 g + b]."""
+    m_count, kp = xs.shape
+    signs = SIGN_OF_BIT
+    tables = np.empty((m_count, kp // 4 * 16), dtype=np.float32)
+    for m in prange(m_count):
+        for g in range(kp // 4):
+            a0, a1, a2, a3 = xs[m, 4 * g], xs[m, 4 * g + 1], xs[m, 4 * g + 2], xs[m, 4 * g + 3]
+            for c in range(16):
+                tables[m, 16 * g + c] = a0 * signs[c, 0] + a1 * signs[c, 1] + a2 * signs[c, 2] + a3 * signs[c, 3]
+    return tables
 
 
 @functools.cache
@@ -83,34 +96,44 @@ def lookup_kernel(lanes: int):
 
     kernel(tables (M, Kp / 4 * 16), blocks (Np / lanes, Kp / 8 * lanes) uint8, scale_out (M, Np), bias (Np,),
     out (M, Np)): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the derived layout of
-    layout.py), so one load gives the codes of ``lanes`` rows for two groups.
+    layout.py), so one load gives the codes of ``lanes`` rows for two groups. Work is split into chunks of
+    ROW_CHUNK row blocks; within a chunk the kernel walks K in tiles of K_TILE byte columns and, per tile, every
+    token over every block, keeping partial sums in ``out``.
     """
     ops = _simd.ops(lanes)
     zeros, load_codes, high_nibbles = ops.zeros, ops.load_codes, ops.high_nibbles
-    lookup_add, add, store = ops.lookup_add, ops.add, ops.store
+    lookup_add, add, load, store = ops.lookup_add, ops.add, ops.load, ops.store
 
-    @njit(parallel=True, cache=False)
+    @njit(parallel=True, fastmath=FASTMATH, cache=False)
     def kernel(tables, blocks, scale_out, bias, out):
         m_count = tables.shape[0]
         n_blocks = blocks.shape[0]
         kbytes = blocks.shape[1] // lanes
-        for m0 in range(0, m_count, TOKEN_CHUNK):
-            for b in prange(n_blocks):
-                codes = blocks[b]
-                for m in range(m0, min(m0 + TOKEN_CHUNK, m_count)):
+        for chunk in prange(-(-n_blocks // ROW_CHUNK)):
+            b0 = chunk * ROW_CHUNK
+            b1 = min(n_blocks, b0 + ROW_CHUNK)
+            for t0 in range(0, kbytes, K_TILE):
+                t1 = min(kbytes, t0 + K_TILE)
+                for m in range(m_count):
                     table = tables[m]
-                    acc0, acc1, acc2, acc3 = zeros(), zeros(), zeros(), zeros()
-                    for j in range(0, kbytes, 2):
-                        c0 = load_codes(codes, lanes * j)
-                        c1 = load_codes(codes, lanes * j + lanes)
-                        acc0 = lookup_add(acc0, table, 32 * j, c0)
-                        acc1 = lookup_add(acc1, table, 32 * j + 16, high_nibbles(c0))
-                        acc2 = lookup_add(acc2, table, 32 * j + 32, c1)
-                        acc3 = lookup_add(acc3, table, 32 * j + 48, high_nibbles(c1))
                     row = out[m]
-                    store(row, lanes * b, add(add(acc0, acc1), add(acc2, acc3)))
-                    for i in range(lanes * b, lanes * b + lanes):
-                        row[i] = row[i] * scale_out[m, i] + bias[i]
+                    for b in range(b0, b1):
+                        codes = blocks[b]
+                        acc0, acc1, acc2, acc3 = zeros(), zeros(), zeros(), zeros()
+                        for j in range(t0, t1, 2):
+                            c0 = load_codes(codes, lanes * j)
+                            c1 = load_codes(codes, lanes * j + lanes)
+                            acc0 = lookup_add(acc0, table, 32 * j, c0)
+                            acc1 = lookup_add(acc1, table, 32 * j + 16, high_nibbles(c0))
+                            acc2 = lookup_add(acc2, table, 32 * j + 32, c1)
+                            acc3 = lookup_add(acc3, table, 32 * j + 48, high_nibbles(c1))
+                        total = add(add(acc0, acc1), add(acc2, acc3))
+                        if t0 > 0:
+                            total = add(total, load(row, lanes * b))
+                        store(row, lanes * b, total)
+            for m in range(m_count):
+                for i in range(lanes * b0, lanes * b1):
+                    out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
 
     return kernel
 
@@ -131,3 +154,28 @@ def portable_kernel(tables, data, scale_out, bias, out):
                 low += table[32 * j + (byte & 15)]
                 high += table[32 * j + 16 + (byte >> 4)]
             out[m, i] = (low + high) * scale_out[m, i] + bias[i]
+
+
+SIGN_OF_BYTE = np.array([[1.0 if (byte >> bit) & 1 else -1.0 for bit in range(8)] for byte in range(256)],
+                        dtype=np.float32)
+"""(256, 8): the signs of the 8 inputs held in one byte."""
+
+
+@njit(cache=True)
+def unpack_rows(data, n0, out):
+    """out (rows, Kp) float32 = the signs of rows n0 .. n0 + rows of data (N, Kp / 8) uint8. Single-threaded,
+    so that it never competes with the BLAS threads that consume the tile."""
+    signs = SIGN_OF_BYTE
+    rows, kp = out.shape
+    for i in range(rows):
+        for j in range(kp // 8):
+            out[i, 8 * j:8 * j + 8] = signs[data[n0 + i, j]]
+
+
+@njit(parallel=True, cache=True)
+def scale_rows(out, scale_out, bias):
+    """out (M, N) = out * scale_out[:, :N] + bias[:N], in place."""
+    m_count, n = out.shape
+    for m in prange(m_count):
+        for i in range(n):
+            out[m, i] = out[m, i] * scale_out[m, i] + bias[i]

@@ -89,6 +89,7 @@ def ops(lanes: int) -> pytypes.SimpleNamespace:
         high_nibbles(codes) -> CodeVector: codes >> 4
         lookup_add(acc, f32 array, offset, codes) -> acc + table[codes], the 16-entry table at array[offset:]
         add(a, b) -> a + b
+        load(f32 array, offset) -> FloatVector: array[offset:offset + lanes]
         store(f32 array, offset, vector): array[offset:offset + lanes] = vector
     """
     if lanes not in (8, 16):
@@ -140,6 +141,13 @@ def ops(lanes: int) -> pytypes.SimpleNamespace:
         return float_type(a, b), codegen
 
     @intrinsic
+    def load(typingctx, array, offset):
+        def codegen(context, builder, sig, args):
+            return builder.load(_vector_pointer(context, builder, sig.args[0], args[0], args[1], vf), align=4)
+
+        return float_type(array, offset), codegen
+
+    @intrinsic
     def store(typingctx, array, offset, vector):
         def codegen(context, builder, sig, args):
             builder.store(args[2], _vector_pointer(context, builder, sig.args[0], args[0], args[1], vf), align=4)
@@ -148,4 +156,4 @@ def ops(lanes: int) -> pytypes.SimpleNamespace:
         return types.void(array, offset, vector), codegen
 
     return pytypes.SimpleNamespace(lanes=lanes, zeros=zeros, load_codes=load_codes, high_nibbles=high_nibbles,
-                                   lookup_add=lookup_add, add=add, store=store)
+                                   lookup_add=lookup_add, add=add, load=load, store=store)
