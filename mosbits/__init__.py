@@ -3,7 +3,7 @@
 ``import mosbits`` imports NumPy and safetensors only; backends load their libraries when first used.
 """
 
-from mosbits import backends, reference
+from mosbits import backends, export, reference
 from mosbits.api import matmul
 from mosbits.dispatch import BackendUnavailableError
 from mosbits.experts import Experts
@@ -21,6 +21,7 @@ __all__ = [
     "PackedSigns",
     "__version__",
     "backends",
+    "export",
     "load",
     "matmul",
     "pack",

@@ -10,9 +10,9 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from mosbits import __version__, bench, demo
+from mosbits import __version__, bench, demo, inspection
 
-COMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": bench}
+COMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": bench, "inspect": inspection}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from mosbits.format import FORMAT_VERSION, PackedSigns
 FORMAT_KEY = "mosbits.format"
 TENSOR_SUFFIXES = ("signs", "s_in", "s_out", "router", "bias")
 _REQUIRED = ("signs", "s_in", "s_out", "router")
-_SHAPE = re.compile(r"([1-9][0-9]*),([1-9][0-9]*)")
+_SHAPE = re.compile(r"([1-9][0-9]{0,17}),([1-9][0-9]{0,17})")
 
 
 class FormatError(ValueError):
@@ -96,7 +96,10 @@ def save(path: str | os.PathLike, layers: Mapping[str, MoSLinearWeights]) -> Non
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``payload`` to a fresh temporary file beside ``path`` (mode 0o666 less the umask, as ``open`` would
+    create it), fsync it, rename it over ``path`` and fsync the folder."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

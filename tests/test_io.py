@@ -153,3 +153,12 @@ def test_header_lies_about_offsets(tmp_path):
 def test_missing_file_is_not_a_format_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         mosbits.load(tmp_path / "nope.safetensors")
+
+
+def test_saved_files_honour_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        mosbits.save(tmp_path / "m.safetensors", {"l": layer()})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
