@@ -15,9 +15,13 @@ nox.options.reuse_venv = "yes"
 BACKEND_EXTRAS = {
     "reference": "test",
     "numba": "test,numba,torch",
-    "torch": "test,torch,bench",
+    "torch": "test,torch,bench,onnx",
+    "triton": "test,triton",
 }
-BACKEND_ENV: dict[str, dict[str, str]] = {}
+BACKEND_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
+"""The Triton kernels run in Triton's interpreter on CPU-only machines; the variable must be set before
+mosbits.backends.triton is imported. On a GPU machine (no variable):
+MOSBITS_TEST_BACKENDS=triton MOSBITS_TEST_DEVICE=cuda python -m pytest -q (-m gpu for the GPU-only tests)."""
 CONSTRAINTS = os.environ.get("MOSBITS_CONSTRAINTS", "constraints/cpu.txt")
 
 

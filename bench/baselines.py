@@ -1,22 +1,42 @@
 """What a user without mosbits runs, on the same shapes and batches as matmul.py."""
 
 from mosbits import benchmarking
+from mosbits.arrays import device_of
+
+from .matmul import DEVICE
 
 SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
 
 
-class Dense:
-    """Dense x @ W.T: NumPy fp32, torch fp32 and bf16 (the weight is fp32: 64 MiB to 172 MiB, beyond the L3)."""
+def synchronized(fn):
+    """fn, made to return only when a CUDA device has finished it (asv times wall clock)."""
 
-    params = (["numpy-fp32", "torch-fp32", "torch-bf16"], [1, 16, 512], SHAPES)
+    def call():
+        y = fn()
+        if device_of(y).startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        return y
+
+    return call
+
+
+class Dense:
+    """Dense x @ W.T: NumPy fp32 (CPU only), torch fp32, bf16 and fp16 on DEVICE (the fp32 weight is 64 MiB to
+    172 MiB, beyond the L3)."""
+
+    params = (["numpy-fp32", "torch-fp32", "torch-bf16", "torch-fp16"], [1, 16, 512], SHAPES)
     param_names = ["baseline", "M", "shape"]
     timeout = 300
 
     def setup(self, baseline, m, shape):
-        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, include=(baseline,))
+        if baseline == "numpy-fp32" and DEVICE != "cpu":
+            raise NotImplementedError("NumPy runs on the CPU only")
+        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, DEVICE, include=(baseline,))
         if baseline not in fns:
             raise NotImplementedError(f"{baseline}: library not installed")
-        self.fn = fns[baseline]
+        self.fn = synchronized(fns[baseline])
         self.fn()
 
     def time_dense(self, *params):
@@ -31,7 +51,8 @@ class Authors:
     timeout = 300
 
     def setup(self, m, shape, e, dtype):
-        self.fn = benchmarking.authors_formulation(benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype)
+        self.fn = synchronized(benchmarking.authors_formulation(benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype,
+                                                                DEVICE))
         self.fn()
 
     def time_authors(self, *params):
@@ -46,10 +67,10 @@ class DensePeakMemory:
     timeout = 300
 
     def setup(self, m, shape):
-        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, include=("torch-fp32",))
+        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, DEVICE, include=("torch-fp32",))
         if not fns:
             raise NotImplementedError("torch not installed")
-        self.fn = fns["torch-fp32"]
+        self.fn = synchronized(fns["torch-fp32"])
 
     def peakmem_dense(self, *params):
         self.fn()

@@ -1,17 +1,21 @@
 """mosbits.matmul per backend on LLaMA-7B shapes: time, residency and peak memory. Baselines: baselines.py."""
 
+import os
+
 from mosbits import benchmarking, dispatch
 
 BACKENDS = [name for name in dispatch.BACKENDS if name != "reference"]
 SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
+DEVICE = os.environ.get("MOSBITS_BENCH_DEVICE", "cpu")
+"""Torch workloads run here; on a GPU machine: MOSBITS_BENCH_DEVICE=cuda asv run ..."""
 
 
 def workload(backend, shape, m, e, dtype, resident="cache"):
     """A gated workload; ``dtype`` "half" is the backend's preferred half type. Raises NotImplementedError
     (asv: skip) when the backend cannot run here, AssertionError when its output is wrong."""
     if dtype == "half":
-        dtype = benchmarking.half_dtype(dispatch.spec(backend).libraries[0])
-    work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype, resident)
+        dtype = benchmarking.half_dtype(dispatch.spec(backend).libraries[0], DEVICE)
+    work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype, resident, DEVICE)
     ratio = work.gate()
     assert ratio <= 1, f"{backend} is wrong: max |y - ref| / tolerance = {ratio:.3g}; not timed"
     work()
@@ -29,7 +33,7 @@ class Matmul:
         self.work = workload(backend, shape, m, e, dtype)
 
     def time_matmul(self, *params):
-        self.work()
+        self.work.synchronized()
 
 
 class Decode:
@@ -44,7 +48,7 @@ class Decode:
         self.work = workload(backend, shape, m, 4, "float32", resident)
 
     def time_decode(self, *params):
-        self.work()
+        self.work.synchronized()
 
 
 class PeakMemory:
@@ -56,7 +60,8 @@ class PeakMemory:
     timeout = 300
 
     def setup(self, backend, m, shape):
-        self.work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, 4, "float32")
+        self.work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, 4, "float32",
+                                               device=DEVICE)
 
     def peakmem_matmul(self, *params):
-        self.work()
+        self.work.synchronized()

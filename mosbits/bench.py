@@ -25,11 +25,12 @@ from typing import Any
 
 from mosbits import __version__, benchmarking, dispatch
 from mosbits.report import Progress, format_table
-from mosbits.timing import median_time
+from mosbits.timing import cuda_median_time, median_time
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SUMMARY = "time every backend against dense baselines on LLaMA-7B shapes"
-DENSE = ("numpy-fp32", "torch-fp32", "torch-bf16")
+DENSE = {"cpu": ("numpy-fp32", "torch-fp32", "torch-bf16"), "cuda": ("torch-fp16", "torch-bf16", "torch-fp32")}
+"""Dense baselines per device type: what a user would run there instead (cuBLAS on CUDA)."""
 
 
 @dataclasses.dataclass
@@ -71,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of untimed calls before each median (default: 0.3). NumPy's OpenBLAS and "
                              "torch's OpenMP threads spin for a while after their last call; on 2 cores a pool "
                              "still spinning slowed the next library's calls by up to 300x here")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where torch workloads run (default: cpu). On cuda, times come from CUDA events with "
+                             "the L2 flushed before each call, and the baselines are cuBLAS fp16/bf16/fp32")
     parser.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also draw time vs batch size (needs matplotlib)")
 
@@ -90,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     progress = Progress()
     progress.show("bench: measuring memory read bandwidth ...")
-    bandwidth, how = benchmarking.read_bandwidth()
+    bandwidth, how = benchmarking.read_bandwidth(args.device)
     residents = ("cache", "dram") if args.resident == "both" else (args.resident,)
-    impls_per_m = len(DENSE) + 1 + len(backends) * len(residents)
+    impls_per_m = len(DENSE[args.device.split(":")[0]]) + 1 + len(backends) * len(residents)
     progress = Progress(len(shapes) * len(batches) * impls_per_m)
     rows: list[Row] = []
     for label, shape in shapes.items():
@@ -146,9 +149,12 @@ def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], res
     rows = []
 
     def timed(fn: Any) -> float:
+        if args.device.startswith("cuda"):
+            return cuda_median_time(fn, args.repeats)
         return median_time(fn, args.repeats, budget=args.budget, warmup_time=args.warmup)
 
-    for name, fn in benchmarking.dense_baselines(shape, m, args.device, include=DENSE).items():
+    dense = DENSE[args.device.split(":")[0]]
+    for name, fn in benchmarking.dense_baselines(shape, m, args.device, include=dense).items():
         progress.step(f"{label} M={m}: dense {name}")
         rows.append(Row(label, m, f"dense {name}", "dense", DTYPE_NAMES[name.split("-")[1]], timed(fn)))
     half = benchmarking.half_dtype("torch", args.device)

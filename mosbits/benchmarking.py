@@ -100,6 +100,15 @@ class Workload:
         self._next = (self._next + 1) % len(self.layers)
         return layer(self.x, backend=self.backend)
 
+    def synchronized(self) -> Any:
+        """One call that returns only when a CUDA device has finished it (for wall-clock timers like asv's)."""
+        y = self()
+        if arrays.device_of(y).startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        return y
+
     @property
     def packed_bytes(self) -> int:
         """Bytes one call reads for its layer: signs, experts and router."""
@@ -209,12 +218,19 @@ def authors_formulation(shape: tuple[int, int], m: int, e: int, dtype: str = "fl
     return call
 
 
-def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, str]:
+def read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, str]:
     """Measured memory read bandwidth in bytes/s, and how it was measured.
 
-    Sums a float32 array of ``nbytes`` (8x the L3), with torch's threads when torch is installed (as the
-    kernels run), else NumPy's single thread.
+    Sums a float32 array of ``nbytes`` (8x the L3): on CUDA with CUDA events; on the CPU with torch's threads
+    when torch is installed (as the kernels run), else NumPy's single thread.
     """
+    if device.startswith("cuda"):
+        import torch
+
+        from mosbits.timing import cuda_median_time
+
+        a = torch.ones(nbytes // 4, device=device)
+        return nbytes / cuda_median_time(a.sum, repeats), f"torch sum of {nbytes >> 20} MiB float32 on {device}"
     if dispatch.spec("torch").is_installed():
         import torch
 

@@ -60,6 +60,8 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
+        BackendSpec("triton", "mosbits.backends.triton", ("torch", "triton"), "triton", 0, ("torch",),
+                    frozenset({"torch-cuda"})),
         BackendSpec("numba", "mosbits.backends.numba", ("numba",), "numba", 10, ("numpy", "torch"),
                     frozenset({"numpy", "torch-cpu"})),
         BackendSpec("torch", "mosbits.backends.torch_ops", ("torch",), "torch", 20, ("torch",),
