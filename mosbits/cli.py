@@ -10,9 +10,15 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from mosbits import __version__, bench, demo, inspection
+from mosbits import __version__, bench, binarize, convert_binarymos, demo, inspection
 
-COMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": bench, "inspect": inspection}
+COMMANDS: dict[str, ModuleType] = {
+    "demo": demo,
+    "bench": bench,
+    "inspect": inspection,
+    "binarize": binarize,
+    "convert-binarymos": convert_binarymos,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

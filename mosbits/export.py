@@ -11,11 +11,15 @@ docs/FORMAT.md) and the float parameters in their own dtype, and standard operat
 Everything after the initializers runs in float32 (fp16 / bf16 parameters are widened by a Cast, exactly). The
 file stays packed, but a runtime that folds constants (onnxruntime does, by default) builds the dense (N, K) float32
 signs in memory at session start: N * K * 4 bytes, and a few times that at the peak.
+
+A whole Hugging Face causal LM packed by `mosbits.hf.pack` exports too: ``onnx(model, path)`` traces it with torch's
+exporter, each packed layer rebuilt by the same operators (`mosbits.hf.onnx_export`; needs torch and transformers).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,11 +33,14 @@ OPSET = 18
 """BitwiseAnd needs opset 18; the model declares the IR version that opset requires (8), for older runtimes."""
 
 
-def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights], path: str | os.PathLike) -> Any:
-    """Write layers as one ONNX model.
+def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights] | Any, path: str | os.PathLike) -> Any:
+    """Write layers, or a packed Hugging Face model, as one ONNX model.
 
     Args:
-        layers: one layer, or name -> layer (NumPy or torch arrays on any device; float16, bfloat16 or float32).
+        layers: one layer, or name -> layer (NumPy or torch arrays on any device; float16, bfloat16 or float32);
+            or a transformers causal LM (``torch.nn.Module``) whose linear layers `mosbits.hf.pack` replaced:
+            see `mosbits.hf.onnx_export` for its graph (inputs ``input_ids`` and ``attention_mask``, output
+            ``logits``).
         path: the ``.onnx`` file to write. The model is one protobuf, so the layers together must stay under 2 GiB.
 
     Returns:
@@ -45,13 +52,18 @@ def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights], path: str | 
 
     Raises:
         ImportError: onnx is not installed (``pip install 'mosbits[onnx]'``).
-        TypeError / ValueError: ``layers`` is not a layer or a non-empty mapping of layers.
+        TypeError / ValueError: ``layers`` is not a layer or a non-empty mapping of layers; or a model that holds
+            no packed layer.
     """
     try:
         import onnx as onnx_lib
         from onnx import helper
     except ImportError as err:
         raise ImportError("mosbits.export.onnx needs the onnx package: pip install 'mosbits[onnx]'") from err
+    if _is_torch_module(layers):
+        from mosbits.hf.onnx_export import export_model
+
+        return export_model(layers, path)
     from mosbits import __version__
     named = _named_layers(layers)
     nodes, initializers, inputs, outputs = [], [], [], []
@@ -73,6 +85,12 @@ def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights], path: str | 
     onnx_lib.checker.check_model(model, full_check=True)
     onnx_lib.save_model(model, os.fspath(path))
     return model
+
+
+def _is_torch_module(obj: Any) -> bool:
+    """True when ``obj`` is a ``torch.nn.Module`` (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _named_layers(layers: Any) -> dict[str | None, MoSLinearWeights]:

