@@ -123,8 +123,9 @@ def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     lanes = LANES[isa] if path == "lookup" else 1
     np_ = -(-n // lanes) * lanes
     bias32 = np.zeros(n, np.float32) if bias is None else _float32(bias)
-    xs, scale_out, bias_padded = _kernels.scales(x32, _float32(router), _float32(experts.s_in),
-                                                 _float32(experts.s_out), bias32, 8 * row_bytes(k), np_)
+    scales = _kernels.scales if x32.shape[0] > 2 else _kernels.scales_serial
+    xs, scale_out, bias_padded = scales(x32, _float32(router), _float32(experts.s_in), _float32(experts.s_out),
+                                        bias32, 8 * row_bytes(k), np_)
     out = arrays.empty(x32, (x32.shape[0], np_), np.float32)
     data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
     if path == "gemm":

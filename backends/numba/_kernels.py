@@ -76,6 +76,10 @@ def scales(x, router, s_in, s_out, bias, kp, np_):
     return xs, scale_out, bias_padded
 
 
+scales_serial = njit(fastmath=FASTMATH, cache=True)(scales.py_func)
+"""`scales` without the thread pool: for a token or two, waking the pool costs more than the work."""
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def lookup_tables(xs):
     """tables (M, Kp / 4 * 16) float32 of xs (M, Kp): tables[m, 16 g + c] = sum_b SIGN_OF_BIT[c, b] xs[m, 4 g + b]."""
