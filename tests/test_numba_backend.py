@@ -75,10 +75,11 @@ def test_a_forced_isa_the_cpu_lacks_is_refused(monkeypatch):
 
 
 def test_the_batch_size_picks_the_path(monkeypatch):
-    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M - 1) == ("lookup", "")
-    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M) == ("gemm", "")
+    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M - 1, "portable") == ("lookup", "")
+    assert numba_backend.selected_path(numba_backend.GEMM_MIN_M, "portable") == ("gemm", "")
+    assert numba_backend.selected_path(10_000, "avx2") == ("lookup", "")
     monkeypatch.setenv(numba_backend.PATH_ENV_VAR, "lookup")
-    assert numba_backend.selected_path(10_000) == ("lookup", "")
+    assert numba_backend.selected_path(10_000, "portable") == ("lookup", "")
     monkeypatch.setenv(numba_backend.PATH_ENV_VAR, "dense")
     args = testing.random_case(np.random.default_rng(0), (2,), 40, 9, 2).arguments("numpy", "float32")
     with pytest.raises(ValueError, match="'dense' is not one of lookup, gemm"):
