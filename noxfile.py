@@ -47,7 +47,7 @@ def lint(session):
 @nox.session
 def demo(session):
     """The main job: `mosbits demo` with every CPU backend installed."""
-    install(session, "-e", ".[torch]")
+    install(session, "-e", ".[torch,numba]")
     session.run("mosbits", "demo", *session.posargs)
 
 

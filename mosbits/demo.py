@@ -278,8 +278,7 @@ def results_table(results: list[Result]) -> str:
     rows = []
     for r in results:
         if r.kind is None:
-            rows.append([str(r.m), r.backend, "-", "-", "-", _ms(r.dense_seconds), "-",
-                         f"skipped ({r.note})"])
+            rows.append([str(r.m), r.backend, "-", "-", "-", _ms(r.dense_seconds), "-", "skipped"])
             continue
         timed = r.seconds is not None
         rows.append([
@@ -290,7 +289,9 @@ def results_table(results: list[Result]) -> str:
             "FAIL" if r.failed else "ok",
         ])
     headers = ["M", "backend", "arrays", "err/tol", "backend ms", "dense ms", "dense/backend", "check"]
-    return f"{format_table(headers, rows, 'rllrrrrl')}\n\n{RESULTS_NOTES}"
+    skipped = {r.backend: r.note for r in results if r.kind is None}
+    notes = "".join(f"\nskipped: {name}: {note}" for name, note in skipped.items())
+    return f"{format_table(headers, rows, 'rllrrrrl')}\n\n{RESULTS_NOTES}{notes}"
 
 
 def _ms(seconds: float) -> str:
