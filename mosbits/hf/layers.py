@@ -40,7 +40,20 @@ class SignSTE(torch.autograd.Function):
         return grad * (w.abs() < 1).to(grad.dtype)
 
 
-class MoSLinear(nn.Module):
+class _MoSShape(nn.Module):
+    """What both layers share: K = in_features, N = out_features, E = num_experts, checked."""
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+
+
+class MoSLinear(_MoSShape):
     """A trainable BinaryMoS layer.
 
     Attributes:
@@ -54,10 +67,8 @@ class MoSLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        check_num_experts(num_experts)
+        super().__init__(in_features, out_features, num_experts)
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.s_in = nn.Parameter(torch.ones(num_experts, in_features, **factory))
         self.s_out = nn.Parameter(torch.ones(num_experts, out_features, **factory))
@@ -104,12 +115,7 @@ class MoSLinear(nn.Module):
         y = F.linear(x * s_in, SignSTE.apply(self.weight)) * s_out
         return y if self.bias is None else y + self.bias
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, bias={self.bias is not None}")
-
-
-class PackedMoSLinear(nn.Module):
+class PackedMoSLinear(_MoSShape):
     """An inference-only BinaryMoS layer on packed signs; forward is ``mosbits.matmul(..., backend="auto")``.
 
     Buffers (saved by ``state_dict``, so by ``save_pretrained``):
@@ -121,10 +127,8 @@ class PackedMoSLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
-        super().__init__()
-        check_num_experts(num_experts)
+        super().__init__(in_features, out_features, num_experts)
         factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.register_buffer("signs", torch.zeros(out_features, row_bytes(in_features), dtype=torch.uint8,
                                                   device=device))
         self.register_buffer("s_in", torch.ones(num_experts, in_features, **factory))
@@ -159,11 +163,6 @@ class PackedMoSLinear(nn.Module):
         router = self.router if self.router is not None else self.s_in.new_zeros(1, self.in_features)
         packed = mosbits.PackedSigns(self.signs, (self.out_features, self.in_features))
         return packed, mosbits.Experts(self.s_in, self.s_out), router, self.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, bias={self.bias is not None}")
-
 
 def check_num_experts(num_experts: Any) -> None:
     """Raise unless ``num_experts`` is an int >= 1."""
