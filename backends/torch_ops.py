@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 from mosbits import arrays
-from mosbits.format import PackedSigns, unpack
+from mosbits.format import PackedSigns, row_bytes, unpack
 
 TILE_BYTES = 8 << 20
 
 
 def tile_rows(k: int) -> int:
     """Rows of B unpacked at once for K inputs."""
-    return max(1, TILE_BYTES // (4 * 32 * -(-k // 32)))
+    return max(1, TILE_BYTES // (4 * 8 * row_bytes(k)))
 
 
 def _sign_tiles(data: torch.Tensor, k: int):

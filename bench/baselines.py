@@ -1,25 +1,11 @@
 """What a user without mosbits runs, on the same shapes and batches as matmul.py."""
 
 from mosbits import benchmarking
-from mosbits.arrays import device_of
+from mosbits.timing import synchronized
 
 from .matmul import DEVICE
 
 SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
-
-
-def synchronized(fn):
-    """fn, made to return only when a CUDA device has finished it (asv times wall clock)."""
-
-    def call():
-        y = fn()
-        if device_of(y).startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-        return y
-
-    return call
 
 
 class Dense:

@@ -7,6 +7,7 @@ import numpy as np
 
 import mosbits
 from mosbits import benchmarking, dispatch
+from mosbits.arrays import from_numpy
 
 SHAPES = ["4096x4096", "11008x4096"]
 
@@ -27,7 +28,7 @@ class Pack:
             raise NotImplementedError(f"{library} not installed")
         n, k = benchmarking.LLAMA_7B_SHAPES[shape]
         w = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
-        self.w = benchmarking.convert(w, library, None)
+        self.w = from_numpy(w, library)
         self.packed = mosbits.pack(self.w)
 
     def time_pack(self, *params):

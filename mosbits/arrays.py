@@ -73,6 +73,18 @@ def device_of(a: Any) -> str:
     return str(a.device) if is_torch(a) else "cpu"
 
 
+def from_numpy(a: np.ndarray, library: str, dtype: str | None = None, device: str = "cpu") -> Any:
+    """A NumPy array on ``library`` ("numpy" or "torch") and ``device``, cast to ``dtype`` (None keeps it).
+
+    torch is imported only when asked for."""
+    if library == "numpy":
+        return a if dtype is None else a.astype(dtype)
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return t if dtype is None else t.to(getattr(torch, dtype))
+
+
 def empty(like: Any, shape: tuple[int, ...], dtype: Any = None) -> Any:
     """An uninitialised output array on ``like``'s library and device (``dtype`` defaults to ``like``'s).
 

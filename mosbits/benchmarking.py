@@ -17,7 +17,7 @@ from mosbits import arrays, dispatch, testing
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, padding_mask, row_bytes
 from mosbits.io import MoSLinearWeights
-from mosbits.timing import median_time
+from mosbits.timing import median_time, synchronized
 
 LLAMA_7B_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
 """LLaMA-7B's linear layers as N x K (out x in): q/k/v/o, gate/up, down."""
@@ -44,16 +44,6 @@ def half_dtype(library: str, device: str = "cpu") -> str:
     return "bfloat16" if library == "torch" and device == "cpu" else "float16"
 
 
-def convert(a: np.ndarray, library: str, dtype: str | None, device: str = "cpu") -> Any:
-    """A NumPy array on ``library`` and ``device``, cast to ``dtype`` (None keeps it)."""
-    if library == "numpy":
-        return a if dtype is None else a.astype(dtype)
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    return t if dtype is None else t.to(getattr(torch, dtype))
-
-
 def random_layer(rng: np.random.Generator, n: int, k: int, e: int, library: str, dtype: str,
                  device: str = "cpu") -> MoSLinearWeights:
     """A layer with random signs (drawn as bytes, padding cleared: no latent weight is ever made),
@@ -63,9 +53,9 @@ def random_layer(rng: np.random.Generator, n: int, k: int, e: int, library: str,
     s_out = rng.uniform(0.5, 1.5, (e, n)).astype(np.float32)
     router = (rng.standard_normal((e, k)) / np.sqrt(k)).astype(np.float32)
     return MoSLinearWeights(
-        PackedSigns(convert(data, library, None, device), (n, k)),
-        Experts(convert(s_in, library, dtype, device), convert(s_out, library, dtype, device)),
-        convert(router, library, dtype, device),
+        PackedSigns(arrays.from_numpy(data, library, None, device), (n, k)),
+        Experts(arrays.from_numpy(s_in, library, dtype, device), arrays.from_numpy(s_out, library, dtype, device)),
+        arrays.from_numpy(router, library, dtype, device),
     )
 
 
@@ -102,12 +92,7 @@ class Workload:
 
     def synchronized(self) -> Any:
         """One call that returns only when a CUDA device has finished it (for wall-clock timers like asv's)."""
-        y = self()
-        if arrays.device_of(y).startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-        return y
+        return synchronized(self)()
 
     @property
     def packed_bytes(self) -> int:
@@ -146,7 +131,7 @@ def make_workload(backend: str, shape: tuple[int, int], m: int, e: int, dtype: s
     n, k = shape
     rng = np.random.default_rng(seed)
     layers = [random_layer(rng, n, k, e, library, dtype, device) for _ in range(layers_for(resident, n, k))]
-    x = convert(rng.standard_normal((m, k)).astype(np.float32), library, dtype, device)
+    x = arrays.from_numpy(rng.standard_normal((m, k)).astype(np.float32), library, dtype, device)
     first = layers[0]
     ok, reason = dispatch.load(backend).supports(x, first.packed, first.experts, first.router, None)
     if not ok:

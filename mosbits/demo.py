@@ -13,17 +13,16 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from mosbits import __version__, dispatch, testing
+from mosbits import __version__, arrays, dispatch, testing
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, pack
 from mosbits.io import MoSLinearWeights
 from mosbits.report import Progress, format_table
-from mosbits.timing import median_time
+from mosbits.timing import median_time, synchronized
 
 SUMMARY = "check and time every backend on one random BinaryMoS layer"
 PROGRESS = Progress()
@@ -182,11 +181,8 @@ def on_kind(layer: MoSLinearWeights, kind: str) -> MoSLinearWeights:
 
 def to_kind(a: np.ndarray, kind: str) -> Any:
     """A NumPy array as ``kind``: itself for ``"numpy"``, else a torch tensor on the kind's device."""
-    if kind == "numpy":
-        return a
-    import torch
-
-    return torch.from_numpy(a).to(kind.removeprefix("torch-"))
+    library, _, device = kind.partition("-")
+    return arrays.from_numpy(a, library, device=device or "cpu")
 
 
 def measure_batch(x: np.ndarray, w: np.ndarray, layers: dict[str, MoSLinearWeights], backends: list[str],
@@ -225,22 +221,8 @@ def measure(name: str, x: np.ndarray, y64: np.ndarray, layers: dict[str, MoSLine
     if ratio > 1:
         return Result(m, name, kind, ratio, None, dense_seconds)
     PROGRESS.show(f"demo: timing {name} at M={m} ...")
-    seconds = median_time(_synchronized(lambda: layer(xk, backend=name), kind), repeats)
+    seconds = median_time(synchronized(lambda: layer(xk, backend=name)), repeats)
     return Result(m, name, kind, ratio, seconds, dense_seconds)
-
-
-def _synchronized(fn: Callable[[], Any], kind: str) -> Callable[[], Any]:
-    """fn, followed by a CUDA synchronisation when it runs on CUDA, so that its time is the kernel's."""
-    if kind != "torch-cuda":
-        return fn
-    import torch
-
-    def call() -> Any:
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def _header(args: argparse.Namespace, backends: list[str]) -> str:

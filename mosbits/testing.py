@@ -123,14 +123,10 @@ class LayerCase:
 
     def arguments(self, library: str, dtype: str, device: str = "cpu") -> dict[str, Any]:
         """``mosbits.matmul`` keyword arguments on ``library`` ("numpy" or "torch") in ``dtype``."""
-        if library == "numpy":
-            def convert(a):
-                return a.astype(dtype)
-        else:
-            import torch
 
-            def convert(a):
-                return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=getattr(torch, dtype))
+        def convert(a):
+            return arrays.from_numpy(a, library, dtype, device)
+
         return {
             "x": convert(self.x),
             "packed": pack(convert(self.w)),

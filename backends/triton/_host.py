@@ -11,6 +11,7 @@ import triton
 
 from mosbits import arrays
 from mosbits.backends.triton import _kernels
+from mosbits.format import row_bytes
 
 GEMV_MAX_M = 1
 """Tokens up to which `mos_matmul` takes the GEMV path; above, the GEMM path (tensor cores, 16-row tiles at
@@ -78,7 +79,7 @@ def _check(x: torch.Tensor, signs: torch.Tensor, k: int, s_in: torch.Tensor, s_o
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., {k}), got {tuple(x.shape)}")
     n, e = signs.shape[0], s_in.shape[0]
-    expected = {"signs": (signs, (n, 4 * -(-k // 32))), "s_in": (s_in, (e, k)), "s_out": (s_out, (e, n)),
+    expected = {"signs": (signs, (n, row_bytes(k))), "s_in": (s_in, (e, k)), "s_out": (s_out, (e, n)),
                 "router": (router, (e, k)), **({} if bias is None else {"bias": (bias, (n,))})}
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
