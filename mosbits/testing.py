@@ -2,12 +2,14 @@
 
 How results are compared (ARCHITECTURE.md): against the float64 reference, per output element n of a token,
 
-    |y_n - ref_n| <= C * sqrt(K) * (eps_acc + eps_f32 * L) * (sum_k |x_k s_in_k| * |s_out_n| + |bias_n|)
-                     + eps_out * |ref_n| + tiny_out
+    |y_n - ref_n| <= C * (sqrt(K) eps_acc + eps_f32 (E + sqrt(K) L)) * (sum_k |x_k| a_k * b_n + |bias_n|)
+                     + eps_out * |ref_n| + tiny_out,    a = g @ |S_in|, b = g @ |S_out|
 
 - eps_acc: unit roundoff of the dtype in which x * s_in enters the binary product (the backend's
   ``product_dtype``); the sum of K signed terms then errs by about sqrt(K) eps_acc times their mass.
-- eps_f32 * L: the gates come from float32 logits whose error is about sqrt(K) eps_f32 L, with
+- eps_f32 * E: s_in = g @ S_in and s_out = g @ S_out are sums of E float32 products, each off by up to
+  E eps_f32 times g @ |S| (which is |s| when the scales are positive, as trained ones are).
+- eps_f32 * sqrt(K) L: the gates come from float32 logits whose error is about sqrt(K) eps_f32 L, with
   L = max_e sum_k |x_k router_ek| the logit mass; a softmax turns that absolute logit error into the same
   relative error of g, hence of s_in and s_out.
 - eps_out * |ref| + tiny_out: the final rounding to the output dtype (tiny_out: half its smallest subnormal).
@@ -63,15 +65,16 @@ def tolerance(x: Any, experts: Experts, router: Any, bias: Any, ref: np.ndarray,
     """Per-element bound (..., N) on |y - ref| for a backend whose product runs in ``product_dtype``."""
     x64, r64 = to_float64(x), to_float64(router)
     gates = reference.softmax(x64 @ r64.T)
-    s_in = gates @ to_float64(experts.s_in)
-    s_out = gates @ to_float64(experts.s_out)
-    k = x64.shape[-1]
-    mass = np.abs(x64 * s_in).sum(axis=-1, keepdims=True)
+    abs_s_in = gates @ np.abs(to_float64(experts.s_in))
+    abs_s_out = gates @ np.abs(to_float64(experts.s_out))
+    k, e = x64.shape[-1], r64.shape[0]
+    mass = (np.abs(x64) * abs_s_in).sum(axis=-1, keepdims=True)
     logit_mass = (np.abs(x64) @ np.abs(r64).T).max(axis=-1, keepdims=True)
-    terms = mass * np.abs(s_out)
+    terms = mass * abs_s_out
     if bias is not None:
         terms = terms + np.abs(to_float64(bias))
-    eps_product = C * np.sqrt(k) * (UNIT_ROUNDOFF[product_dtype] + UNIT_ROUNDOFF["float32"] * logit_mass)
+    eps32 = UNIT_ROUNDOFF["float32"]
+    eps_product = C * (np.sqrt(k) * UNIT_ROUNDOFF[product_dtype] + eps32 * (e + np.sqrt(k) * logit_mass))
     return eps_product * terms + UNIT_ROUNDOFF[out_dtype] * np.abs(ref) + HALF_SMALLEST_SUBNORMAL[out_dtype]
 
 
