@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mosbits import arrays, dispatch
+from mosbits import precision as precisions
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns
 
@@ -17,6 +18,7 @@ def matmul(
     *,
     bias: Any = None,
     backend: str = "auto",
+    precision: str = "exact",
 ) -> Any:
     """One BinaryMoS linear layer.
 
@@ -34,6 +36,8 @@ def matmul(
         bias: optional (N,), x's dtype.
         backend: ``"auto"`` or a registered name (`mosbits.backends.available()`). An explicit name never
             falls back to another backend.
+        precision: ``"exact"`` (float32, within the reference tolerance) or ``"fast"`` (int8 table lookups,
+            numba backend only; its error bound is in `mosbits.precision`).
 
     Returns:
         y: (..., N) with x's array type, device and dtype. Softmax and accumulation run in at least float32.
@@ -43,9 +47,10 @@ def matmul(
         ValueError: shapes or devices disagree, or the backend cannot run the call (with its reason).
         BackendUnavailableError: the explicit backend is not installed.
     """
+    precisions.check(precision)
     check_args(x, packed, experts, router, bias)
-    module = dispatch.select(backend, x, packed, experts, router, bias)
-    return module.matmul(x, packed, experts, router, bias)
+    module = dispatch.select(backend, x, packed, experts, router, bias, precision)
+    return getattr(module, precisions.PRECISIONS[precision])(x, packed, experts, router, bias)
 
 
 def check_args(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> None:

@@ -6,7 +6,9 @@ A backend is a module with three functions:
   arguments, and if not, why;
 - ``matmul(x, packed, experts, router, bias) -> y``: the layer;
 - ``product_dtype(x_dtype: str) -> str``: the dtype in which ``x * s_in`` enters the binary product (it sets
-  the test tolerance, see `mosbits.testing`).
+  the test tolerance, see `mosbits.testing`);
+- for each precision beyond "exact" its spec lists, the function `mosbits.precision.PRECISIONS` names
+  (``matmul_fast`` for "fast"), with matmul's signature.
 
 Adding a backend is one `BackendSpec` in `BACKENDS` plus its module. Modules are imported only when a call
 needs them, so ``import mosbits`` stays free of numba, torch and triton.
@@ -43,6 +45,7 @@ class BackendSpec:
         priority: lower wins in automatic selection.
         libraries: array libraries it takes ("numpy", "torch"); the test harness runs each.
         auto_for: array kinds (`mosbits.arrays.array_kind`) for which ``backend="auto"`` considers it.
+        precisions: the ``precision=`` settings it computes (`mosbits.precision`).
     """
 
     name: str
@@ -52,6 +55,7 @@ class BackendSpec:
     priority: int
     libraries: tuple[str, ...]
     auto_for: frozenset[str]
+    precisions: tuple[str, ...] = ("exact",)
 
     def is_installed(self) -> bool:
         return all(importlib.util.find_spec(req) is not None for req in self.requires)
@@ -63,7 +67,7 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("triton", "mosbits.backends.triton", ("torch", "triton"), "triton", 0, ("torch",),
                     frozenset({"torch-cuda"})),
         BackendSpec("numba", "mosbits.backends.numba", ("numba",), "numba", 10, ("numpy", "torch"),
-                    frozenset({"numpy", "torch-cpu"})),
+                    frozenset({"numpy", "torch-cpu"}), ("exact", "fast")),
         BackendSpec("torch", "mosbits.backends.torch_ops", ("torch",), "torch", 20, ("torch",),
                     frozenset({"torch-cpu", "torch-cuda", "torch-mps", "torch-xpu"})),
         BackendSpec("reference", "mosbits.reference", (), None, 90, ("numpy",), frozenset({"numpy"})),
@@ -101,22 +105,28 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(s.module)
 
 
-def select(backend: str, x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> ModuleType:
+def select(backend: str, x: Any, packed: Any, experts: Any, router: Any, bias: Any,
+           precision: str = "exact") -> ModuleType:
     """The backend module for one call.
 
     An explicit name (the argument, or ``MOSBITS_BACKEND`` when the argument is ``"auto"``) never falls back:
     it loads that backend or raises. ``"auto"`` tries, best first, the installed backends registered for x's
-    array kind and takes the first whose ``supports`` accepts the call; it logs its choice once per kind.
+    array kind that compute ``precision`` and takes the first whose ``supports`` accepts the call; it logs its
+    choice once per kind.
 
     Raises:
         BackendUnavailableError: an explicit backend is not installed.
-        ValueError: an explicit backend does not support these arguments (with its reason), or no backend
-            does (with every candidate's reason).
+        ValueError: an explicit backend does not compute ``precision`` or does not support these arguments
+            (with its reason), or no backend does (with every candidate's reason).
     """
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     args = (x, packed, experts, router, bias)
     if backend != "auto":
+        if precision not in spec(backend).precisions:
+            having = [s.name for s in BACKENDS.values() if precision in s.precisions]
+            raise ValueError(f"backend {backend!r} has no precision={precision!r}; "
+                             f"backends with it: {', '.join(having)}")
         module = load(backend)
         ok, reason = module.supports(*args)
         if not ok:
@@ -126,6 +136,9 @@ def select(backend: str, x: Any, packed: Any, experts: Any, router: Any, bias: A
     reasons = []
     for s in sorted(BACKENDS.values(), key=lambda s: s.priority):
         if kind not in s.auto_for:
+            continue
+        if precision not in s.precisions:
+            reasons.append(f"{s.name}: no precision={precision!r}")
             continue
         if not s.is_installed():
             reasons.append(f"{s.name}: not installed (pip install 'mosbits[{s.extra}]')")

@@ -49,9 +49,10 @@ class MoSLinearWeights:
     def __post_init__(self) -> None:
         check_layer(self.packed, self.experts, self.router, self.bias)
 
-    def __call__(self, x: Any, backend: str = "auto") -> Any:
+    def __call__(self, x: Any, backend: str = "auto", precision: str = "exact") -> Any:
         """``mosbits.matmul`` with this layer's weights: x (..., K) -> (..., N)."""
-        return matmul(x, self.packed, self.experts, self.router, bias=self.bias, backend=backend)
+        return matmul(x, self.packed, self.experts, self.router, bias=self.bias, backend=backend,
+                      precision=precision)
 
     @property
     def nbytes(self) -> int:

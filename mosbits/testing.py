@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mosbits import arrays, reference
+from mosbits import arrays, precision, reference
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, pack
 
@@ -76,6 +76,41 @@ def tolerance(x: Any, experts: Experts, router: Any, bias: Any, ref: np.ndarray,
     eps32 = UNIT_ROUNDOFF["float32"]
     eps_product = C * (np.sqrt(k) * UNIT_ROUNDOFF[product_dtype] + eps32 * (e + np.sqrt(k) * logit_mass))
     return eps_product * terms + UNIT_ROUNDOFF[out_dtype] * np.abs(ref) + HALF_SMALLEST_SUBNORMAL[out_dtype]
+
+
+FAST_ROUNDING = 0.5 + 2.0**-10
+"""Bound on one fast-mode table entry's error, in grid steps: half a step from rounding to the int8 grid, plus
+2^-10 for the float32 arithmetic that forms the entry, its grid and the scaled inputs (relative errors of a few
+1e-7, far inside 2^-10 of half a step)."""
+
+
+def fast_tolerance(x: Any, experts: Experts, router: Any, bias: Any, ref: np.ndarray, *,
+                   out_dtype: str) -> np.ndarray:
+    """Per-element bound (..., N) on |y - ref| for ``precision="fast"`` (`mosbits.precision`): the float32
+    tolerance plus, per block t of FAST_BLOCK inputs, groups_t * delta_t * FAST_ROUNDING times g @ |S_out|."""
+    x64 = to_float64(x)
+    k = x64.shape[-1]
+    gates = reference.softmax(x64 @ to_float64(router).T)
+    xs = x64 * (gates @ to_float64(experts.s_in))
+    groups = -(-k // 4)
+    group_mass = np.abs(np.pad(xs, [(0, 0)] * (xs.ndim - 1) + [(0, 4 * groups - k)])).reshape(
+        *xs.shape[:-1], groups, 4).sum(axis=-1)
+    per_block = precision.FAST_BLOCK // 4
+    quantisation = np.zeros((*xs.shape[:-1], 1))
+    for g0 in range(0, groups, per_block):
+        block = group_mass[..., g0:g0 + per_block]
+        delta = block.max(axis=-1, keepdims=True) / precision.FAST_LEVELS
+        quantisation = quantisation + block.shape[-1] * delta * FAST_ROUNDING
+    abs_s_out = gates @ np.abs(to_float64(experts.s_out))
+    exact = tolerance(x, experts, router, bias, ref, out_dtype=out_dtype, product_dtype="float32")
+    return exact + quantisation * abs_s_out
+
+
+def nmse(y: Any, ref: np.ndarray) -> float:
+    """Normalised mean squared error sum (y - ref)^2 / sum ref^2 (0 when both are empty or zero)."""
+    err = ((to_float64(y) - ref) ** 2).sum()
+    scale = (ref ** 2).sum()
+    return float(err / scale) if scale else float(err)
 
 
 def assert_within(y: Any, ref: np.ndarray, tol: np.ndarray, what: str = "y") -> None:
@@ -177,6 +212,26 @@ def dyadic_case(rng: np.random.Generator, batch: tuple[int, ...], k: int, n: int
         s_in=powers((e, k)),
         s_out=powers((e, n)),
         router=np.zeros((e, k), dtype=np.float32),
+        bias=rng.integers(-4, 5, n).astype(np.float32) if bias else None,
+    )
+
+
+def fast_exact_case(rng: np.random.Generator, batch: tuple[int, ...], k: int, n: int,
+                    bias: bool = False) -> LayerCase:
+    """A case the fast mode must compute exactly: E = 1 (gate 1), s_in = 1, s_out powers of two, x integers in
+    [-7, 7] except that the first group of every block of FAST_BLOCK inputs starts with +-127. Each block's
+    largest group mass is then 127, its grid step 1, and every int8 table entry the exact integer sum."""
+    x = rng.integers(-7, 8, (*batch, k)).astype(np.float32)
+    x[..., ::precision.FAST_BLOCK] = 127 * rng.choice([-1.0, 1.0], x[..., ::precision.FAST_BLOCK].shape)
+    x[..., 1::precision.FAST_BLOCK] = 0
+    x[..., 2::precision.FAST_BLOCK] = 0
+    x[..., 3::precision.FAST_BLOCK] = 0
+    return LayerCase(
+        x=x,
+        w=rng.standard_normal((n, k)).astype(np.float32),
+        s_in=np.ones((1, k), dtype=np.float32),
+        s_out=np.exp2(rng.integers(-2, 3, (1, n))).astype(np.float32),
+        router=rng.standard_normal((1, k)).astype(np.float32),
         bias=rng.integers(-4, 5, n).astype(np.float32) if bias else None,
     )
 

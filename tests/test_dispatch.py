@@ -1,6 +1,7 @@
 """The backend registry: lazy loading, explicit selection that never falls back, auto selection, and the
 promise that import mosbits stays light."""
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def test_environment_variable_is_an_explicit_choice(fake, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     fake.ACCEPT["ok"] = True
     assert mosbits.matmul(**numpy_args()).any()
+
+
+def test_precision_is_checked_and_never_falls_back(fake):
+    args = numpy_args()
+    with pytest.raises(ValueError, match="precision must be one of 'exact', 'fast', got 'medium'"):
+        mosbits.matmul(**args, precision="medium")
+    with pytest.raises(ValueError, match="backend 'fake' has no precision='fast'; backends with it: numba"):
+        mosbits.matmul(**args, backend="fake", precision="fast")
+
+
+def test_auto_takes_the_best_backend_that_has_the_precision(fake, monkeypatch):
+    monkeypatch.setitem(dispatch.BACKENDS, "numba", dataclasses.replace(dispatch.BACKENDS["numba"],
+                                                                        requires=("no_such_package",)))
+    with pytest.raises(ValueError, match=r"fake: no precision='fast'; numba: not installed .*reference: no "):
+        mosbits.matmul(**numpy_args(), precision="fast")
 
 
 def test_missing_package_names_the_extra(monkeypatch):

@@ -1,6 +1,7 @@
 """The Numba backend beyond the shared harness: every kernel (each instruction set's lookup path, and the
-gemm path) through the harness's checks, the forcing rules, the derived layout, and the refusal of tensors
-that need gradients."""
+gemm path) through the harness's checks, the fast mode of each instruction set against its error bound, its
+exact cases and its NMSE target, the forcing rules, the derived layout, and the refusal of tensors that need
+gradients."""
 
 import gc
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from test_backends import check_close, run
 
 import mosbits
-from mosbits import dispatch, testing
+from mosbits import arrays, benchmarking, dispatch, testing
 
 if not dispatch.spec("numba").is_installed():
     if "numba" in REQUIRED:
@@ -62,6 +63,76 @@ def test_every_kernel_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
     case = testing.dyadic_case(np.random.default_rng(k), batch, k, n, e, bias=True)
     y, args = run(case, "numba", "numpy", "float32", numba_backend)
     np.testing.assert_array_equal(y, testing.truth(**args).astype(np.float32))
+
+
+def check_fast(case, library, dtype):
+    """The fast mode within `testing.fast_tolerance` of the reference, on a NaN-poisoned output."""
+    args = case.arguments(library, dtype)
+    with arrays.poisoned_outputs():
+        y = mosbits.matmul(**args, backend="numba", precision="fast")
+    assert arrays.library(y) == library and arrays.dtype_name(y) == dtype
+    ref = testing.truth(**args)
+    tol = testing.fast_tolerance(args["x"], args["experts"], args["router"], args["bias"], ref, out_dtype=dtype)
+    testing.assert_within(y, ref, tol, what=f"numba fast {case.id} {dtype}")
+    return y, ref
+
+
+@pytest.mark.parametrize(("library", "dtype"), LIBRARIES, ids=[f"{lib}-{d}" for lib, d in LIBRARIES])
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=testing.layer_cases(max_k=2100))
+def test_fast_mode_stays_within_its_bound(isa, library, dtype, case):
+    with numba_backend.forced(isa):
+        check_fast(case, library, dtype)
+
+
+@pytest.mark.parametrize(("batch", "k", "n", "e"), [
+    ((1,), 1, 1, 1), ((2,), 33, 17, 3), ((37,), 100, 40, 4), ((5, 3), 1025, 65, 8), ((1,), 4096, 33, 4),
+    ((9,), 2500, 1, 2), ((0,), 64, 9, 2), ((3,), 2048, 128, 4),
+], ids=lambda v: str(v))
+@pytest.mark.parametrize("isa", ISAS)
+def test_fast_mode_on_awkward_shapes(isa, batch, k, n, e):
+    case = testing.random_case(np.random.default_rng(n), batch, k, n, e, bias=True)
+    if case.x.size:
+        case.x[(0,) * (case.x.ndim - 1)] = 0
+    with numba_backend.forced(isa):
+        check_fast(case, "numpy", "float32")
+
+
+@pytest.mark.parametrize(("batch", "k", "n"), [((4,), 1, 3), ((3,), 37, 70), ((2,), 1024, 64), ((5,), 3000, 33)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("isa", ISAS)
+def test_fast_mode_is_exact_on_a_unit_grid(isa, batch, k, n):
+    case = testing.fast_exact_case(np.random.default_rng(k), batch, k, n, bias=True)
+    with numba_backend.forced(isa):
+        y = mosbits.matmul(**case.arguments("numpy", "float32"), backend="numba", precision="fast")
+    np.testing.assert_array_equal(y, testing.truth(**case.arguments("numpy", "float32")).astype(np.float32))
+
+
+def test_auto_runs_the_fast_mode_on_numba():
+    args = testing.random_case(np.random.default_rng(3), (2,), 300, 20, 2).arguments("numpy", "float32")
+    np.testing.assert_array_equal(mosbits.matmul(**args, precision="fast"),
+                                  mosbits.matmul(**args, backend="numba", precision="fast"))
+    layer = mosbits.MoSLinearWeights(args["packed"], args["experts"], args["router"], args["bias"])
+    np.testing.assert_array_equal(layer(args["x"], precision="fast"),
+                                  mosbits.matmul(**args, backend="numba", precision="fast"))
+
+
+FAST_NMSE = 1e-4
+"""The fast mode's target: normalised mean squared error against the reference on random inputs."""
+
+
+@pytest.mark.parametrize(("n", "k"), [(512, 4096), (256, 11008)], ids=lambda v: str(v))
+@pytest.mark.parametrize("isa", ISAS)
+def test_fast_mode_nmse_on_random_layers(isa, n, k):
+    """On the benchmark's layers (N(0, 1) inputs) and the harness's random cases, M = 8."""
+    rng = np.random.default_rng(k)
+    layer = benchmarking.random_layer(rng, n, k, 4, "numpy", "float32")
+    case = testing.random_case(rng, (8,), k, n, 4).arguments("numpy", "float32")
+    for args in ({"x": rng.standard_normal((8, k)).astype(np.float32), "packed": layer.packed,
+                  "experts": layer.experts, "router": layer.router}, case):
+        with numba_backend.forced(isa):
+            y = mosbits.matmul(**args, backend="numba", precision="fast")
+        assert testing.nmse(y, testing.truth(**args)) <= FAST_NMSE
 
 
 def test_a_forced_isa_the_cpu_lacks_is_refused(monkeypatch):

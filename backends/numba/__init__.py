@@ -1,9 +1,13 @@
-"""The Numba CPU backend: exact float32 lookup-table kernels.
+"""The Numba CPU backend: lookup-table kernels, exact (float32) and fast (int8).
 
 For each group of 4 inputs a token's 16 signed partial sums form a float32 table, and a SIMD permute looks the
 table up with the 4 sign bits of one weight row per lane: 64 weights per instruction with AVX-512, 32 with
 AVX2 (see _simd.py), scalar lookups elsewhere. Everything runs in float32 (the gates, the scales, the tables and
 the sums); results are within the reference tolerance and exact on dyadic inputs.
+
+``precision="fast"`` (`matmul_fast`) rounds the tables to int8 and looks them up with ``pshufb``, one row per
+byte lane: 256 weights per instruction with AVX-512BW, 128 with AVX2; its error bound is in
+`mosbits.precision`.
 
 On CPUs without AVX2, from GEMM_MIN_M tokens on, B is instead unpacked in bounded float32 tiles for NumPy's
 BLAS (the "gemm" path).
@@ -31,13 +35,16 @@ from mosbits.format import row_bytes
 
 ISA_ENV_VAR = "MOSBITS_NUMBA_ISA"
 LANES = {"avx512": 16, "avx2": 8, "portable": 1}
+FAST_LANES = {"avx512": 64, "avx2": 32, "portable": 1}
+"""Rows per block: one per float32 lane in the exact kernels, one per byte lane in the fast ones."""
 
 
 @functools.cache
 def host_isas() -> list[str]:
     """The instruction sets this CPU runs, best first (``"portable"`` always); asked of LLVM once."""
     features = binding.get_host_cpu_features()
-    found = [isa for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2")) if features.get(flag)]
+    needs = {"avx512": ("avx512f", "avx512bw"), "avx2": ("avx2",)}
+    found = [isa for isa, flags in needs.items() if all(features.get(flag) for flag in flags)]
     return [*found, "portable"]
 
 
@@ -117,27 +124,55 @@ def _float32(a: Any) -> np.ndarray:
 
 def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias, g = softmax(x @ router.T), x (..., K)."""
+    return _matmul(x, packed, experts, router, bias, fast=False)
+
+
+def matmul_fast(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
+    """`matmul` with int8 table lookups (``precision="fast"``, `mosbits.precision`), for every batch size."""
+    return _matmul(x, packed, experts, router, bias, fast=True)
+
+
+SERIAL_MAX_M = 2
+"""Up to this many tokens, the scales and tables are computed without waking the thread pool."""
+
+
+def _matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any, fast: bool) -> Any:
     n, k = packed.shape
     x32 = _float32(x).reshape(-1, k)
+    m = x32.shape[0]
     isa, reason = selected_isa()
-    path, path_reason = selected_path(x32.shape[0], isa)
+    path, path_reason = selected_path(m, isa)
     if isa is None or path is None:
         raise ValueError(reason or path_reason)
-    lanes = LANES[isa] if path == "lookup" else 1
+    if fast:
+        path = "lookup"
+    lanes = (FAST_LANES if fast else LANES)[isa] if path == "lookup" else 1
     np_ = -(-n // lanes) * lanes
-    bias32 = np.zeros(n, np.float32) if bias is None else _float32(bias)
-    scales = _kernels.scales if x32.shape[0] > 2 else _kernels.scales_serial
-    xs, scale_out, bias_padded = scales(x32, _float32(router), _float32(experts.s_in), _float32(experts.s_out),
-                                        bias32, 8 * row_bytes(k), np_)
-    out = arrays.empty(x32, (x32.shape[0], np_), np.float32)
+    bias_padded = np.zeros(np_, np.float32)
+    if bias is not None:
+        bias_padded[:n] = _float32(bias)
+    serial = m <= SERIAL_MAX_M
+    scales = _kernels.scales_serial if serial else _kernels.scales
+    xs, scale_out = scales(x32, _float32(router), _float32(experts.s_in), _float32(experts.s_out),
+                           8 * row_bytes(k), np_)
+    out = arrays.empty(x32, (m, np_), np.float32)
     data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
-    if path == "gemm":
+    if fast:
+        tables, deltas = (_kernels.fast_tables_serial if serial else _kernels.fast_tables)(xs)
+        if isa == "portable":
+            _kernels.portable_fast_kernel(tables, deltas, data, scale_out, bias_padded, out)
+        else:
+            blocks = layout.cached_row_blocks(packed.data, data, lanes)
+            _kernels.fast_kernel(lanes)(tables, deltas, blocks, scale_out, bias_padded, out)
+    elif path == "gemm":
         _gemm(xs, data, scale_out, bias_padded, out[:, :n])
-    elif isa == "portable":
-        _kernels.portable_kernel(_kernels.lookup_tables(xs), data, scale_out, bias_padded, out)
     else:
-        blocks = layout.cached_row_blocks(packed.data, data, lanes)
-        _kernels.lookup_kernel(lanes)(_kernels.lookup_tables(xs), blocks, scale_out, bias_padded, out)
+        tables = (_kernels.exact_tables_serial if serial else _kernels.exact_tables)(xs)
+        if isa == "portable":
+            _kernels.portable_kernel(tables, data, scale_out, bias_padded, out)
+        else:
+            blocks = layout.cached_row_blocks(packed.data, data, lanes)
+            _kernels.lookup_kernel(lanes)(tables, blocks, scale_out, bias_padded, out)
     y = out[:, :n].reshape(*x.shape[:-1], n)
     if arrays.is_torch(x):
         import torch

@@ -23,6 +23,7 @@ from numba.extending import intrinsic, models, register_model
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
+_I16 = ir.IntType(16)
 _I8 = ir.IntType(8)
 
 
@@ -32,6 +33,14 @@ class FloatVector(types.Type):
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
         super().__init__(name=f"FloatVector{lanes}")
+
+
+class ShortVector(types.Type):
+    """A vector of ``lanes`` int16 accumulators (the int8 lookups of the fast mode)."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        super().__init__(name=f"ShortVector{lanes}")
 
 
 class CodeVector(types.Type):
@@ -52,6 +61,12 @@ class _FloatVectorModel(models.PrimitiveModel):
 class _CodeVectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, ir.VectorType(_I32, fe_type.lanes))
+
+
+@register_model(ShortVector)
+class _ShortVectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(_I16, fe_type.lanes))
 
 
 def _element_pointer(context, builder, array_type, array, index):
@@ -157,3 +172,110 @@ def ops(lanes: int) -> pytypes.SimpleNamespace:
 
     return pytypes.SimpleNamespace(lanes=lanes, zeros=zeros, load_codes=load_codes, high_nibbles=high_nibbles,
                                    lookup_add=lookup_add, add=add, load=load, store=store)
+
+
+SHUFFLE_INTRINSICS = {64: "llvm.x86.avx512.pshuf.b.512", 32: "llvm.x86.avx2.pshuf.b"}
+"""``pshufb``: per 16-byte lane, byte i of the result is byte ``index[i] & 15`` of the table (0 if bit 7 is set)."""
+
+
+@functools.cache
+def byte_ops(lanes: int) -> pytypes.SimpleNamespace:
+    """The int8 table-lookup operations of the fast mode, for ``lanes`` = 64 (AVX-512BW) or 32 (AVX2) rows.
+
+    One ``pshufb`` looks up a 16-entry int8 table (the quantised signed sums of 4 inputs) with the 4-bit code
+    of one row per byte: 4 weights for ``lanes`` rows per instruction.
+
+    Returns a namespace with:
+        zeros() -> ShortVector
+        lookup_add(acc, i8 array, offset, u8 array, code_offset) -> ShortVector: ``lanes`` code bytes at
+            ``codes[code_offset:]``; their low nibbles index the table at ``tables[offset:offset + 16]``, their
+            high nibbles the table at ``tables[offset + 16:offset + 32]``; both lookups are sign-extended and
+            added to ``acc``.
+        scaled_store(f32 array, offset, acc, scale, accumulate) -> None:
+            ``out[offset:offset + lanes] = (out[...] if accumulate else 0) + acc * scale``
+    """
+    if lanes not in SHUFFLE_INTRINSICS:
+        raise ValueError(f"lanes must be 64 (AVX-512) or 32 (AVX2), got {lanes}")
+    short_type = ShortVector(lanes)
+    vb, vs, vf = ir.VectorType(_I8, lanes), ir.VectorType(_I16, lanes), ir.VectorType(_F32, lanes)
+    table_type = ir.VectorType(_I8, 16)
+    broadcast = ir.Constant(ir.VectorType(_I32, lanes), [i % 16 for i in range(lanes)])
+
+    def shuffle(builder, table, index):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vb, [vb, vb]), SHUFFLE_INTRINSICS[lanes])
+        return builder.call(fn, [table, index])
+
+    @intrinsic
+    def zeros(typingctx):
+        def codegen(context, builder, sig, args):
+            return ir.Constant(vs, [0] * lanes)
+
+        return short_type(), codegen
+
+    @intrinsic
+    def lookup_add(typingctx, acc, tables, offset, codes, code_offset):
+        def codegen(context, builder, sig, args):
+            acc, tables, offset, codes, code_offset = args
+            code = builder.load(_vector_pointer(context, builder, sig.args[3], codes, code_offset, vb), align=1)
+            low = builder.and_(code, ir.Constant(vb, [15] * lanes))
+            high = builder.lshr(code, ir.Constant(vb, [4] * lanes))
+            total = acc
+            for index, start in ((low, offset), (high, builder.add(offset, ir.Constant(offset.type, 16)))):
+                pointer = _vector_pointer(context, builder, sig.args[1], tables, start, table_type)
+                table = builder.load(pointer, align=1)
+                wide = builder.shuffle_vector(table, table, broadcast)
+                total = builder.add(total, builder.sext(shuffle(builder, wide, index), vs))
+            return total
+
+        return short_type(acc, tables, offset, codes, code_offset), codegen
+
+    @intrinsic
+    def scaled_store(typingctx, out, offset, acc, scale, accumulate):
+        def codegen(context, builder, sig, args):
+            out, offset, acc, scale, accumulate = args
+            pointer = _vector_pointer(context, builder, sig.args[0], out, offset, vf)
+            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale, ir.Constant(_I32, 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+            value = builder.fmul(builder.sitofp(acc, vf), splat)
+            previous = builder.load(pointer, align=4)
+            value = builder.select(accumulate, builder.fadd(previous, value), value)
+            builder.store(value, pointer, align=4)
+            return context.get_dummy_value()
+
+        return types.void(out, offset, acc, scale, accumulate), codegen
+
+    return pytypes.SimpleNamespace(lanes=lanes, zeros=zeros, lookup_add=lookup_add, scaled_store=scaled_store)
+
+
+@intrinsic
+def round_to_int8(typingctx, source, offset, target, target_offset, scale):
+    """``target[target_offset:+16] = rint(source[offset:+16] * scale)`` as int8 (ties to even; the caller keeps
+    the products within [-127.5, 127.5]). Plain LLVM vector IR: any CPU runs it."""
+    def codegen(context, builder, sig, args):
+        source, offset, target, target_offset, scale = args
+        vf, vi, vb = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16), ir.VectorType(_I8, 16)
+        values = builder.load(_vector_pointer(context, builder, sig.args[0], source, offset, vf), align=4)
+        splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale, ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(vi, [0] * 16))
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]), "llvm.rint.v16f32")
+        rounded = builder.fptosi(builder.call(rint, [builder.fmul(values, splat)]), vi)
+        pointer = _vector_pointer(context, builder, sig.args[2], target, target_offset, vb)
+        builder.store(builder.trunc(rounded, vb), pointer, align=1)
+        return context.get_dummy_value()
+
+    return types.void(source, offset, target, target_offset, scale), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Hint the CPU to load the cache line of ``array[offset]`` into all cache levels. A prefetch never
+    faults, so ``offset`` may run past the end of the array."""
+    def codegen(context, builder, sig, args):
+        pointer = builder.bitcast(_element_pointer(context, builder, sig.args[0], args[0], args[1]),
+                                  _I8.as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, offset), codegen
