@@ -4,7 +4,9 @@ For each shape (N x K) and batch size M, in one process: NumPy float32 and torch
 ``x @ W.T``, the BinaryMoS authors' formulation (sign() of the fp latent weight every call, then a dense
 matmul), and each mosbits backend, with its layers either cache-resident (one layer reused) or DRAM-resident
 (rotating through enough layers to exceed twice the L3). A backend is timed only after its output passed the
-correctness gate against the float64 reference; a wrong one is reported as WRONG, never as fast.
+correctness gate against the float64 reference; a wrong one is reported as WRONG, never as fast. A backend
+with ``precision="fast"`` also runs in that mode ("fast" rows), gated by the fast mode's own error bound
+(`mosbits.precision`), with its normalised mean squared error in the check column.
 
 Columns: median ms per call; "vs dense": the fastest dense baseline's time at that M divided by this time (> 1:
 faster than dense); "GB/s": packed bytes (signs + experts + router) per second; "floor ms": packed bytes over
@@ -23,7 +25,7 @@ import platform
 import sys
 from typing import Any
 
-from mosbits import __version__, benchmarking, dispatch
+from mosbits import __version__, benchmarking, dispatch, precision
 from mosbits.report import Progress, format_table
 from mosbits.timing import cuda_median_time, median_time
 
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=",".join(default_backends),
                         help="comma-separated mosbits backends (default: every installed one but the slow "
                              f"reference: {','.join(default_backends)})")
+    parser.add_argument("--precisions", default="exact,fast",
+                        help="comma-separated precisions, each run on the backends that have it "
+                             "(default: exact,fast)")
     parser.add_argument("--experts", type=int, default=4, help="experts E (default: 4)")
     parser.add_argument("--dtype", choices=("float32", "half"), default="float32",
                         help="activation dtype of the mosbits backends and the authors' formulation; 'half' is "
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         backends = [b for b in args.backends.split(",") if b]
         for name in backends:
             dispatch.load(name)
+        args.precision_list = [precision.check(p) for p in args.precisions.split(",") if p]
     except (ValueError, ImportError) as err:
         print(f"mosbits bench: {err}", file=sys.stderr)
         return 2
@@ -95,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     progress.show("bench: measuring memory read bandwidth ...")
     bandwidth, how = benchmarking.read_bandwidth(args.device)
     residents = ("cache", "dram") if args.resident == "both" else (args.resident,)
-    impls_per_m = len(DENSE[args.device.split(":")[0]]) + 1 + len(backends) * len(residents)
+    runs = sum(p in dispatch.spec(b).precisions for b in backends for p in args.precision_list)
+    impls_per_m = len(DENSE[args.device.split(":")[0]]) + 1 + runs * len(residents)
     progress = Progress(len(shapes) * len(batches) * impls_per_m)
     rows: list[Row] = []
     for label, shape in shapes.items():
@@ -168,25 +175,29 @@ def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], res
     for backend in backends:
         library = dispatch.spec(backend).libraries[0]
         dtype = "float32" if args.dtype == "float32" else benchmarking.half_dtype(library, args.device)
-        for resident in residents:
-            progress.step(f"{label} M={m}: {backend} ({resident}), checking")
-            rows.append(measure_backend(label, shape, m, backend, dtype, resident, args, timed))
+        for prec in [p for p in args.precision_list if p in dispatch.spec(backend).precisions]:
+            for resident in residents:
+                progress.step(f"{label} M={m}: {backend} {prec} ({resident}), checking")
+                rows.append(measure_backend(label, shape, m, backend, dtype, resident, prec, args, timed))
     return rows
 
 
 def measure_backend(label: str, shape: tuple[int, int], m: int, backend: str, dtype: str, resident: str,
-                    args: argparse.Namespace, timed: Any) -> Row:
-    """A backend's row: skipped, WRONG (not timed), or ok and timed."""
-    impl = f"mosbits {backend} ({resident})"
+                    prec: str, args: argparse.Namespace, timed: Any) -> Row:
+    """A backend's row: skipped, WRONG (not timed), or ok and timed (fast rows also report their NMSE)."""
+    impl = f"mosbits {backend}{' fast' if prec == 'fast' else ''} ({resident})"
     try:
-        work = benchmarking.make_workload(backend, shape, m, args.experts, dtype, resident, args.device)
+        work = benchmarking.make_workload(backend, shape, m, args.experts, dtype, resident, args.device,
+                                          precision=prec)
     except NotImplementedError as err:
         return Row(label, m, impl, "mosbits", dtype, None, check=f"skipped: {err}")
     first = median_time(work, repeats=1, warmup=0)
     ratio = work.gate()
     if not ratio <= 1:
         return Row(label, m, impl, "mosbits", dtype, None, work.packed_bytes, "WRONG", ratio, first)
-    return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, "ok", ratio, first)
+    work.prime()
+    check = f"ok, nmse {work.nmse():.1e}" if prec == "fast" else "ok"
+    return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, check, ratio, first)
 
 
 def table(rows: list[Row], bandwidth: float) -> str:

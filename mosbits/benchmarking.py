@@ -8,6 +8,7 @@ only by the functions that build torch workloads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from mosbits.timing import median_time, synchronized
 LLAMA_7B_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
 """LLaMA-7B's linear layers as N x K (out x in): q/k/v/o, gate/up, down."""
 
-L3_BYTES = 32 << 20
+L3_FALLBACK_BYTES = 32 << 20
 MAX_DRAM_LAYERS = 1024
 GATE_ROWS = 8
 """Rows of x whose outputs the correctness gate compares with the float64 reference (rows are independent)."""
@@ -59,14 +60,26 @@ def random_layer(rng: np.random.Generator, n: int, k: int, e: int, library: str,
     )
 
 
+@functools.cache
+def l3_bytes() -> int:
+    """This machine's last-level cache in bytes, as Linux reports it (L3_FALLBACK_BYTES where it does not)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError, IndexError):
+        return L3_FALLBACK_BYTES
+
+
 def layers_for(resident: str, n: int, k: int) -> int:
     """How many distinct layers a workload rotates through: 1 for ``"cache"``; for ``"dram"`` enough that
-    their packed signs exceed twice the 32 MiB L3, so each call reads its layer from memory, but at most
-    MAX_DRAM_LAYERS (layers under 64 KiB, far smaller than any LLM's, stay partly cached)."""
+    their packed signs exceed twice the L3 (`l3_bytes`), so each call reads its layer from memory, but at most
+    MAX_DRAM_LAYERS (layers under 1 MiB, far smaller than any LLM's, may stay partly cached)."""
     if resident == "cache":
         return 1
     if resident == "dram":
-        return min(MAX_DRAM_LAYERS, max(2, -(-2 * L3_BYTES // (n * row_bytes(k)))))
+        return min(MAX_DRAM_LAYERS, max(2, -(-2 * l3_bytes() // (n * row_bytes(k)))))
     raise ValueError(f"resident must be 'cache' or 'dram', got {resident!r}")
 
 
@@ -78,17 +91,24 @@ class Workload:
         backend: backend name.
         layers: one or more layers of the same shape, on the backend's arrays.
         x: (M, K) activations, same library, device and dtype.
+        precision: the ``precision=`` of every call.
     """
 
     backend: str
     layers: list[MoSLinearWeights]
     x: Any
+    precision: str = "exact"
     _next: int = 0
 
     def __call__(self) -> Any:
         layer = self.layers[self._next]
         self._next = (self._next + 1) % len(self.layers)
-        return layer(self.x, backend=self.backend)
+        return layer(self.x, backend=self.backend, precision=self.precision)
+
+    def prime(self) -> None:
+        """One call per layer, so that per-layer work done once (derived kernel layouts) is not timed."""
+        for _ in self.layers:
+            self()
 
     def synchronized(self) -> Any:
         """One call that returns only when a CUDA device has finished it (for wall-clock timers like asv's)."""
@@ -104,27 +124,40 @@ class Workload:
         (the kernel runs on all M rows); <= 1 passes."""
         worst = 0.0
         rows = self.x[:GATE_ROWS]
+        out_dtype = arrays.dtype_name(self.x)
         for layer in {id(layer): layer for layer in (self.layers[0], self.layers[-1])}.values():
-            y = layer(self.x, backend=self.backend)[:GATE_ROWS]
+            y = layer(self.x, backend=self.backend, precision=self.precision)[:GATE_ROWS]
             ref = testing.truth(rows, layer.packed, layer.experts, layer.router)
-            product = dispatch.load(self.backend).product_dtype(arrays.dtype_name(self.x))
-            tol = testing.tolerance(rows, layer.experts, layer.router, None, ref,
-                                    out_dtype=arrays.dtype_name(self.x), product_dtype=product)
+            if self.precision == "fast":
+                tol = testing.fast_tolerance(rows, layer.experts, layer.router, None, ref, out_dtype=out_dtype)
+            else:
+                product = dispatch.load(self.backend).product_dtype(out_dtype)
+                tol = testing.tolerance(rows, layer.experts, layer.router, None, ref, out_dtype=out_dtype,
+                                        product_dtype=product)
             worst = max(worst, testing.error_ratio(y, ref, tol))
         return worst
 
+    def nmse(self) -> float:
+        """`testing.nmse` of the first layer's output over the first GATE_ROWS rows."""
+        layer = self.layers[0]
+        rows = self.x[:GATE_ROWS]
+        y = layer(rows, backend=self.backend, precision=self.precision)
+        return testing.nmse(y, testing.truth(rows, layer.packed, layer.experts, layer.router))
+
 
 def make_workload(backend: str, shape: tuple[int, int], m: int, e: int, dtype: str, resident: str = "cache",
-                  device: str = "cpu", seed: int = 0) -> Workload:
+                  device: str = "cpu", seed: int = 0, precision: str = "exact") -> Workload:
     """A `Workload` on the backend's first array library.
 
     Raises:
-        NotImplementedError: the backend is not installed or does not support this dtype or device (asv reads
-            this as "skip").
+        NotImplementedError: the backend is not installed or does not support this dtype, device or precision
+            (asv reads this as "skip").
     """
     spec = dispatch.spec(backend)
     if not spec.is_installed():
         raise NotImplementedError(f"{backend} is not installed (pip install 'mosbits[{spec.extra}]')")
+    if precision not in spec.precisions:
+        raise NotImplementedError(f"{backend} has no precision={precision!r}")
     library = spec.libraries[0]
     if library == "numpy" and (dtype == "bfloat16" or device != "cpu"):
         raise NotImplementedError(f"{backend} takes NumPy arrays: no {dtype} on {device}")
@@ -136,7 +169,7 @@ def make_workload(backend: str, shape: tuple[int, int], m: int, e: int, dtype: s
     ok, reason = dispatch.load(backend).supports(x, first.packed, first.experts, first.router, None)
     if not ok:
         raise NotImplementedError(f"{backend}: {reason}")
-    return Workload(backend, layers, x)
+    return Workload(backend, layers, x, precision)
 
 
 def dense_baselines(shape: tuple[int, int], m: int, device: str = "cpu", seed: int = 0,
