@@ -124,61 +124,73 @@ def _float32(a: Any) -> np.ndarray:
 
 def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias, g = softmax(x @ router.T), x (..., K)."""
-    return _matmul(x, packed, experts, router, bias, fast=False)
+    return PreparedLayer(packed, experts, router, bias, fast=False)(x)
 
 
 def matmul_fast(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """`matmul` with int8 table lookups (``precision="fast"``, `mosbits.precision`), for every batch size."""
-    return _matmul(x, packed, experts, router, bias, fast=True)
+    return PreparedLayer(packed, experts, router, bias, fast=True)(x)
+
+
+def prepare(packed: Any, experts: Any, router: Any, bias: Any, precision: str) -> PreparedLayer:
+    """The layer converted once for many calls (`mosbits.prepared`)."""
+    return PreparedLayer(packed, experts, router, bias, fast=precision == "fast")
 
 
 SERIAL_MAX_M = 2
 """Up to this many tokens, the scales and tables are computed without waking the thread pool."""
 
 
-def _matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any, fast: bool) -> Any:
-    n, k = packed.shape
-    x32 = _float32(x).reshape(-1, k)
-    m = x32.shape[0]
-    isa, reason = selected_isa()
-    path, path_reason = selected_path(m, isa)
-    if isa is None or path is None:
-        raise ValueError(reason or path_reason)
-    if fast:
-        path = "lookup"
-    lanes = (FAST_LANES if fast else LANES)[isa] if path == "lookup" else 1
-    np_ = -(-n // lanes) * lanes
-    bias_padded = np.zeros(np_, np.float32)
-    if bias is not None:
-        bias_padded[:n] = _float32(bias)
-    serial = m <= SERIAL_MAX_M
-    scales = _kernels.scales_serial if serial else _kernels.scales
-    xs, scale_out = scales(x32, _float32(router), _float32(experts.s_in), _float32(experts.s_out),
-                           8 * row_bytes(k), np_)
-    out = arrays.empty(x32, (m, np_), np.float32)
-    data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
-    if fast:
-        tables, deltas = (_kernels.fast_tables_serial if serial else _kernels.fast_tables)(xs)
-        if isa == "portable":
-            _kernels.portable_fast_kernel(tables, deltas, data, scale_out, bias_padded, out)
-        else:
-            blocks = layout.cached_row_blocks(packed.data, data, lanes)
-            _kernels.fast_kernel(lanes)(tables, deltas, blocks, scale_out, bias_padded, out)
-    elif path == "gemm":
-        _gemm(xs, data, scale_out, bias_padded, out[:, :n])
-    else:
-        tables = (_kernels.exact_tables_serial if serial else _kernels.exact_tables)(xs)
-        if isa == "portable":
-            _kernels.portable_kernel(tables, data, scale_out, bias_padded, out)
-        else:
-            blocks = layout.cached_row_blocks(packed.data, data, lanes)
-            _kernels.lookup_kernel(lanes)(tables, blocks, scale_out, bias_padded, out)
-    y = out[:, :n].reshape(*x.shape[:-1], n)
-    if arrays.is_torch(x):
-        import torch
+class PreparedLayer:
+    """A layer's parameters as float32 NumPy arrays (views where they already are float32, else copies) and
+    its codes; calling it with x (..., K) runs the layer. The instruction set and path are chosen per call."""
 
-        return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
-    return y.astype(x.dtype, copy=False)
+    def __init__(self, packed: Any, experts: Any, router: Any, bias: Any, fast: bool) -> None:
+        self.n, self.k = packed.shape
+        self.owner = packed.data
+        self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
+        self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
+        self.bias = None if bias is None else _float32(bias)
+        self.fast = fast
+        self._bias_padded: dict[int, np.ndarray] = {}
+
+    def bias_padded(self, np_: int) -> np.ndarray:
+        """(Np,) float32: the bias (or zeros) padded with zeros to the kernel's row count."""
+        padded = self._bias_padded.get(np_)
+        if padded is None:
+            padded = np.zeros(np_, np.float32)
+            if self.bias is not None:
+                padded[:self.n] = self.bias
+            self._bias_padded[np_] = padded
+        return padded
+
+    def __call__(self, x: Any) -> Any:
+        n, k = self.n, self.k
+        x32 = _float32(x).reshape(-1, k)
+        m = x32.shape[0]
+        isa, reason = selected_isa()
+        path, path_reason = selected_path(m, isa)
+        if isa is None or path is None:
+            raise ValueError(reason or path_reason)
+        if self.fast:
+            path = "lookup"
+        lanes = (FAST_LANES if self.fast else LANES)[isa] if path == "lookup" else 1
+        np_ = -(-n // lanes) * lanes
+        out = arrays.empty(x32, (m, np_), np.float32)
+        kp = 8 * row_bytes(k)
+        if path == "gemm":
+            xs, scale_out = _kernels.scales(x32, self.router, self.s_in, self.s_out, kp, np_)
+            _gemm(xs, self.data, scale_out, self.bias_padded(np_), out[:, :n])
+        else:
+            codes = self.data if lanes == 1 else layout.cached_row_blocks(self.owner, self.data, lanes)
+            run = _kernels.layer_kernel(self.fast, lanes, m <= SERIAL_MAX_M)
+            run(x32, self.router, self.s_in, self.s_out, self.bias_padded(np_), kp, codes, out)
+        y = out[:, :n].reshape(*x.shape[:-1], n)
+        if arrays.is_torch(x):
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
+        return y.astype(x.dtype, copy=False)
 
 
 def _gemm(xs: np.ndarray, data: np.ndarray, scale_out: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
