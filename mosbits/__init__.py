@@ -9,6 +9,7 @@ from mosbits.dispatch import BackendUnavailableError
 from mosbits.experts import Experts
 from mosbits.format import FORMAT_VERSION, PackedSigns, pack, unpack
 from mosbits.io import FormatError, MoSLinearWeights, load, save
+from mosbits.prepared import PreparedLayer, prepare
 
 __version__ = "0.1.0"
 
@@ -19,12 +20,14 @@ __all__ = [
     "FormatError",
     "MoSLinearWeights",
     "PackedSigns",
+    "PreparedLayer",
     "__version__",
     "backends",
     "export",
     "load",
     "matmul",
     "pack",
+    "prepare",
     "reference",
     "save",
     "unpack",

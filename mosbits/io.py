@@ -54,6 +54,12 @@ class MoSLinearWeights:
         return matmul(x, self.packed, self.experts, self.router, bias=self.bias, backend=backend,
                       precision=precision)
 
+    def prepare(self, backend: str = "auto", precision: str = "exact") -> Any:
+        """This layer validated once and bound to a backend and precision (`mosbits.prepare`)."""
+        from mosbits.prepared import prepare
+
+        return prepare(self.packed, self.experts, self.router, self.bias, backend=backend, precision=precision)
+
     @property
     def nbytes(self) -> int:
         """Bytes of signs, experts, router and bias together."""

@@ -211,6 +211,23 @@ def test_zero_weight_is_the_only_difference_after_packing():
     torch.testing.assert_close(torch.cat([dense[:, :2], dense[:, 3:]], 1), torch.cat([bits[:, :2], bits[:, 3:]], 1))
 
 
+def test_packed_layers_prepare_once_and_notice_changed_buffers():
+    packed = mh.PackedMoSLinear.from_mos(mh.MoSLinear.from_weight(torch.randn(6, 40), torch.randn(6), num_experts=3))
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        first = packed(x)
+        assert packed.prepared() is packed.prepared()
+        torch.testing.assert_close(first, mosbits.matmul(x, *packed.matmul_args()[:3], bias=packed.bias),
+                                   rtol=0, atol=0)
+        packed.s_out.mul_(2)
+        torch.testing.assert_close(packed(x), 2 * first - packed.bias)
+        packed.to(torch.bfloat16)
+        assert packed(x).dtype == torch.float32 and packed.prepared().shape == (6, 40)
+    x.requires_grad_(True)
+    packed(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
 def test_bad_num_experts_is_refused(bad):
     with pytest.raises((TypeError, ValueError), match="num_experts"):

@@ -153,9 +153,26 @@ class PackedMoSLinear(_MoSShape):
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) in any float dtype -> y (..., N) in x's dtype, computed in the layer's dtype."""
-        packed, experts, router, bias = self.matmul_args()
-        return mosbits.matmul(x.to(self.s_in.dtype), packed, experts, router, bias=bias).to(x.dtype)
+        """x (..., K) in any float dtype -> y (..., N) in x's dtype, computed in the layer's dtype.
+
+        Inference goes through `prepared`; an input that needs gradients goes through ``mosbits.matmul``, whose
+        automatic choice then takes a differentiable backend."""
+        dtype, x = x.dtype, x.to(self.s_in.dtype)
+        if x.requires_grad and torch.is_grad_enabled():
+            packed, experts, router, bias = self.matmul_args()
+            return mosbits.matmul(x, packed, experts, router, bias=bias).to(dtype)
+        return self.prepared()(x).to(dtype)
+
+    def prepared(self) -> mosbits.PreparedLayer:
+        """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when a
+        buffer is replaced, moved or changed in place (tracked by identity and torch's version counter)."""
+        buffers = (self.signs, self.s_in, self.s_out, self.router, self.bias)
+        key = tuple((id(t), t._version) if t is not None else None for t in buffers)
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] != key:
+            cached = (key, mosbits.prepare(*self.matmul_args()))
+            self.__dict__["_prepared"] = cached
+        return cached[1]
 
     def matmul_args(self) -> tuple[mosbits.PackedSigns, mosbits.Experts, torch.Tensor, torch.Tensor | None]:
         """The layer as ``mosbits.matmul``'s (packed (N, K), experts, router (E, K), bias (N,) or None); with
