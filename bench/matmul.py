@@ -15,7 +15,7 @@ def workload(backend, shape, m, e, dtype, resident="cache", precision="exact"):
     NotImplementedError (asv: skip) when the backend cannot run here, AssertionError when its output is
     wrong."""
     if dtype == "half":
-        dtype = benchmarking.half_dtype(dispatch.spec(backend).libraries[0], DEVICE)
+        dtype = benchmarking.half_dtype(benchmarking.half_library(backend), DEVICE)
     work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype, resident, DEVICE,
                                       precision=precision)
     ratio = work.gate()

@@ -173,7 +173,7 @@ def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], res
     except NotImplementedError as err:
         rows.append(Row(label, m, "authors (sign every call)", "authors", authors_dtype, None, check=str(err)))
     for backend in backends:
-        library = dispatch.spec(backend).libraries[0]
+        library = benchmarking.half_library(backend)
         dtype = "float32" if args.dtype == "float32" else benchmarking.half_dtype(library, args.device)
         for prec in [p for p in args.precision_list if p in dispatch.spec(backend).precisions]:
             for resident in residents:

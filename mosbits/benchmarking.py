@@ -45,6 +45,13 @@ def half_dtype(library: str, device: str = "cpu") -> str:
     return "bfloat16" if library == "torch" and device == "cpu" else "float16"
 
 
+def half_library(backend: str) -> str:
+    """The array library a backend's half-precision workloads use: torch where it takes torch tensors (whose
+    CPU half type, bfloat16, is what CPU models run in), else its first library."""
+    libraries = dispatch.spec(backend).libraries
+    return "torch" if "torch" in libraries else libraries[0]
+
+
 def random_layer(rng: np.random.Generator, n: int, k: int, e: int, library: str, dtype: str,
                  device: str = "cpu") -> MoSLinearWeights:
     """A layer with random signs (drawn as bytes, padding cleared: no latent weight is ever made),
@@ -165,7 +172,7 @@ def make_workload(backend: str, shape: tuple[int, int], m: int, e: int, dtype: s
         raise NotImplementedError(f"{backend} is not installed (pip install 'mosbits[{spec.extra}]')")
     if precision not in spec.precisions:
         raise NotImplementedError(f"{backend} has no precision={precision!r}")
-    library = spec.libraries[0]
+    library = half_library(backend) if dtype == "bfloat16" or device != "cpu" else spec.libraries[0]
     if library == "numpy" and (dtype == "bfloat16" or device != "cpu"):
         raise NotImplementedError(f"{backend} takes NumPy arrays: no {dtype} on {device}")
     n, k = shape

@@ -11,8 +11,8 @@ E experts. Group g holds inputs 4g .. 4g + 3; byte j of a packed row holds group
    The fast mode (`mosbits.precision`): `fast_tables` (int8 tables and their grids) and `fast_kernel(lanes)`
    (``pshufb``, one row per byte lane) or `portable_fast_kernel`, with the same output.
    Each table builder and `scales` has a `serial` twin for one or two tokens.
-3. For large batches, `unpack_rows` turns row tiles of B into float32 for a BLAS matmul (in __init__.py), and
-   `scale_rows` applies the output scale and bias.
+3. For large batches, `unpack_rows` (float32) or `unpack_rows_bf16` (bfloat16 bits) turns row tiles of B into
+   the operand of a BLAS-class matmul (in __init__.py), and `scale_rows` applies the output scale and bias.
 """
 
 from __future__ import annotations
@@ -47,11 +47,9 @@ SIGN_OF_BIT = np.array([[1.0 if (code >> bit) & 1 else -1.0 for bit in range(4)]
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _token_scales(x, router, s_in, s_out, xs, scale_out):
-    """One token: xs (Kp,) = x * (g @ s_in), scale_out (Np,) = g @ s_out, g = softmax(x @ router.T); x (K,);
-    xs and scale_out arrive zeroed."""
+def _token_gates(x, router):
+    """(E,) float32 softmax(x @ router.T) of one token x (K,)."""
     e_count, k = router.shape
-    n = s_out.shape[1]
     gates = np.empty(e_count, dtype=np.float32)
     for e in range(e_count):
         logit = np.float32(0.0)
@@ -59,7 +57,16 @@ def _token_scales(x, router, s_in, s_out, xs, scale_out):
             logit += x[i] * router[e, i]
         gates[e] = logit
     gates = np.exp(gates - gates.max())
-    gates /= gates.sum()
+    return gates / gates.sum()
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _token_scales(x, router, s_in, s_out, xs, scale_out):
+    """One token: xs (Kp,) = x * (g @ s_in), scale_out (Np,) = g @ s_out, g = softmax(x @ router.T); x (K,);
+    xs and scale_out arrive zeroed."""
+    e_count, k = router.shape
+    n = s_out.shape[1]
+    gates = _token_gates(x, router)
     for e in range(e_count):
         gate = gates[e]
         for i in range(k):
@@ -335,6 +342,20 @@ def unpack_rows(data, n0, out):
     for i in range(rows):
         for j in range(kp // 8):
             out[i, 8 * j:8 * j + 8] = signs[data[n0 + i, j]]
+
+
+@njit(cache=True)
+def unpack_rows_bf16(data, n0, out):
+    """out (rows, Kp) uint16 = the bfloat16 bits of the signs of rows n0 .. n0 + rows of data (N, Kp / 8): 0x3F80
+    (+1) for a set bit, 0xBF80 (-1) for a clear one. Single-threaded like `unpack_rows` (Numba's pool would spin
+    on the cores torch's matmul runs on next), and arithmetic rather than a table lookup, which vectorises: a
+    1024 x 4096 tile in 0.42 ms against 2.4 ms."""
+    rows, kp = out.shape
+    for i in range(rows):
+        for j in range(kp // 8):
+            byte = np.uint16(data[n0 + i, j])
+            for b in range(8):
+                out[i, 8 * j + b] = np.uint16(0xBF80) ^ (((byte >> b) & np.uint16(1)) << np.uint16(15))
 
 
 @njit(parallel=True, cache=True)
