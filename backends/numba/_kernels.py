@@ -147,26 +147,74 @@ def fast_tables(xs):
     return tables, deltas
 
 
+def _variant(template, name: str, parallel: bool, **bound):
+    """``template`` compiled under its own name, with module globals replaced by ``bound``.
+
+    Kernels that differ only in a constant or in the functions they call (the lanes, the SIMD operations, the
+    thread pool) are written once as a template and specialised here. Each specialisation is a module-level
+    function of its own name, so Numba's disk cache keeps it (it keys entries by qualified name and bytecode,
+    and cannot cache closures over intrinsics: every process recompiled those, about 1.5 s per kernel).
+    """
+    copy = pytypes.FunctionType(template.__code__, {**template.__globals__, **bound}, name, template.__defaults__,
+                                template.__closure__)
+    copy.__qualname__ = name
+    return njit(parallel=parallel, fastmath=FASTMATH, cache=True)(copy)
+
+
 def serial(kernel):
     """``kernel`` compiled without the thread pool: for a token or two, waking the pool costs more than the
-    work. The copy gets its own qualified name: Numba's on-disk cache keys entries by name and bytecode, not by
-    the ``parallel`` flag, so a same-named serial build would share (and swap) cache entries with the parallel
-    one."""
-    func = kernel.py_func
-    copy = pytypes.FunctionType(func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__,
-                                func.__closure__)
-    copy.__qualname__ = f"{func.__qualname__}_serial"
-    return njit(fastmath=FASTMATH, cache=True)(copy)
+    work."""
+    return _variant(kernel.py_func, f"{kernel.py_func.__name__}_serial", parallel=False)
 
 
 scales_serial = serial(scales)
 exact_tables_serial = serial(exact_tables)
 fast_tables_serial = serial(fast_tables)
 
+SIMD = _simd.ops(16)
+"""In the kernel templates: the `_simd` namespace of the variant being compiled (bound by `_variant`)."""
+LANES = 16
+"""In the kernel templates: rows per block of the variant being compiled (bound by `_variant`)."""
+SCALES, TABLES, KERNEL = scales, exact_tables, None
+"""In the layer templates: the functions the variant calls (bound by `_variant`)."""
+
+
+def _lookup_template(tables, blocks, scale_out, bias, out):
+    m_count = tables.shape[0]
+    n_blocks = blocks.shape[0]
+    kbytes = blocks.shape[1] // LANES
+    ahead = blocks.shape[1]
+    for chunk in prange(-(-n_blocks // ROW_CHUNK)):
+        b0 = chunk * ROW_CHUNK
+        b1 = min(n_blocks, b0 + ROW_CHUNK)
+        for t0 in range(0, kbytes, K_TILE):
+            t1 = min(kbytes, t0 + K_TILE)
+            for m in range(m_count):
+                table = tables[m]
+                row = out[m]
+                for b in range(b0, b1):
+                    codes = blocks[b]
+                    acc0, acc1, acc2, acc3 = SIMD.zeros(), SIMD.zeros(), SIMD.zeros(), SIMD.zeros()
+                    for j in range(t0, t1, 2):
+                        _simd.prefetch(codes, LANES * j + ahead)
+                        c0 = SIMD.load_codes(codes, LANES * j)
+                        c1 = SIMD.load_codes(codes, LANES * j + LANES)
+                        acc0 = SIMD.lookup_add(acc0, table, 32 * j, c0)
+                        acc1 = SIMD.lookup_add(acc1, table, 32 * j + 16, SIMD.high_nibbles(c0))
+                        acc2 = SIMD.lookup_add(acc2, table, 32 * j + 32, c1)
+                        acc3 = SIMD.lookup_add(acc3, table, 32 * j + 48, SIMD.high_nibbles(c1))
+                    total = SIMD.add(SIMD.add(acc0, acc1), SIMD.add(acc2, acc3))
+                    if t0 > 0:
+                        total = SIMD.add(total, SIMD.load(row, LANES * b))
+                    SIMD.store(row, LANES * b, total)
+        for m in range(m_count):
+            for i in range(LANES * b0, LANES * b1):
+                out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
+
 
 @functools.cache
 def lookup_kernel(lanes: int):
-    """The SIMD lookup kernel for 16 (AVX-512) or 8 (AVX2) lanes (compiled on first call).
+    """The SIMD lookup kernel for 16 (AVX-512) or 8 (AVX2) lanes (compiled on first use, then cached on disk).
 
     kernel(tables (M, Kp / 4 * 16), blocks (Np / lanes, Kp / 8 * lanes) uint8, scale_out (M, Np), bias (Np,),
     out (M, Np)): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the derived layout of
@@ -178,85 +226,57 @@ def lookup_kernel(lanes: int):
     DRAM, the hardware prefetchers alone left the kernels far behind a plain read of the same bytes (4096 x
     4096, 2 threads: exact 0.18 ms, fast 0.17 ms, a torch sum of the 2 MiB 0.10 ms); with it, 0.12 and 0.11 ms.
     """
-    ops, prefetch = _simd.ops(lanes), _simd.prefetch
-    zeros, load_codes, high_nibbles = ops.zeros, ops.load_codes, ops.high_nibbles
-    lookup_add, add, load, store = ops.lookup_add, ops.add, ops.load, ops.store
+    return _variant(_lookup_template, f"lookup_kernel_{lanes}", True, SIMD=_simd.ops(lanes), LANES=lanes)
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=False)
-    def kernel(tables, blocks, scale_out, bias, out):
-        m_count = tables.shape[0]
-        n_blocks = blocks.shape[0]
-        kbytes = blocks.shape[1] // lanes
-        ahead = blocks.shape[1]
-        for chunk in prange(-(-n_blocks // ROW_CHUNK)):
-            b0 = chunk * ROW_CHUNK
-            b1 = min(n_blocks, b0 + ROW_CHUNK)
-            for t0 in range(0, kbytes, K_TILE):
-                t1 = min(kbytes, t0 + K_TILE)
-                for m in range(m_count):
-                    table = tables[m]
-                    row = out[m]
-                    for b in range(b0, b1):
-                        codes = blocks[b]
-                        acc0, acc1, acc2, acc3 = zeros(), zeros(), zeros(), zeros()
-                        for j in range(t0, t1, 2):
-                            prefetch(codes, lanes * j + ahead)
-                            c0 = load_codes(codes, lanes * j)
-                            c1 = load_codes(codes, lanes * j + lanes)
-                            acc0 = lookup_add(acc0, table, 32 * j, c0)
-                            acc1 = lookup_add(acc1, table, 32 * j + 16, high_nibbles(c0))
-                            acc2 = lookup_add(acc2, table, 32 * j + 32, c1)
-                            acc3 = lookup_add(acc3, table, 32 * j + 48, high_nibbles(c1))
-                        total = add(add(acc0, acc1), add(acc2, acc3))
-                        if t0 > 0:
-                            total = add(total, load(row, lanes * b))
-                        store(row, lanes * b, total)
+
+def _fast_template(tables, deltas, blocks, scale_out, bias, out):
+    m_count = tables.shape[0]
+    n_blocks = blocks.shape[0]
+    kbytes = blocks.shape[1] // LANES
+    ahead = blocks.shape[1]
+    for chunk in prange(-(-n_blocks // FAST_ROW_CHUNK)):
+        b0 = chunk * FAST_ROW_CHUNK
+        b1 = min(n_blocks, b0 + FAST_ROW_CHUNK)
+        for t0 in range(0, kbytes, K_TILE):
+            t1 = min(kbytes, t0 + K_TILE)
             for m in range(m_count):
-                for i in range(lanes * b0, lanes * b1):
-                    out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
-
-    return kernel
+                table = tables[m]
+                row = out[m]
+                delta = deltas[m, t0 // K_TILE]
+                for b in range(b0, b1):
+                    codes = blocks[b]
+                    acc = SIMD.zeros()
+                    for j in range(t0, t1):
+                        _simd.prefetch(codes, LANES * j + ahead)
+                        acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
+                    SIMD.scaled_store(row, LANES * b, acc, delta, t0 > 0)
+        for m in range(m_count):
+            for i in range(LANES * b0, LANES * b1):
+                out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
 
 
 @functools.cache
 def fast_kernel(lanes: int):
-    """The fast-mode SIMD kernel for 64 (AVX-512BW) or 32 (AVX2) rows per block (compiled on first call).
+    """The fast-mode SIMD kernel for 64 (AVX-512BW) or 32 (AVX2) rows per block (compiled on first use, then
+    cached on disk).
 
     kernel(tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK)), blocks (Np / lanes, Kp / 8 * lanes)
-    uint8, scale_out (M, Np), bias (Np,), out (M, Np)): blocks as in `lookup_kernel`. Per K tile (one grid
-    block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid step is added
-    to ``out`` in float32.
+    uint8, scale_out (M, Np), bias (Np,), out (M, Np)): blocks and prefetching as in `lookup_kernel`. Per K tile
+    (one grid block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid
+    step is added to ``out`` in float32.
     """
-    ops, prefetch = _simd.byte_ops(lanes), _simd.prefetch
-    zeros, lookup_add, scaled_store = ops.zeros, ops.lookup_add, ops.scaled_store
+    return _variant(_fast_template, f"fast_kernel_{lanes}", True, SIMD=_simd.byte_ops(lanes), LANES=lanes)
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=False)
-    def kernel(tables, deltas, blocks, scale_out, bias, out):
-        m_count = tables.shape[0]
-        n_blocks = blocks.shape[0]
-        kbytes = blocks.shape[1] // lanes
-        ahead = blocks.shape[1]
-        for chunk in prange(-(-n_blocks // FAST_ROW_CHUNK)):
-            b0 = chunk * FAST_ROW_CHUNK
-            b1 = min(n_blocks, b0 + FAST_ROW_CHUNK)
-            for t0 in range(0, kbytes, K_TILE):
-                t1 = min(kbytes, t0 + K_TILE)
-                for m in range(m_count):
-                    table = tables[m]
-                    row = out[m]
-                    delta = deltas[m, t0 // K_TILE]
-                    for b in range(b0, b1):
-                        codes = blocks[b]
-                        acc = zeros()
-                        for j in range(t0, t1):
-                            prefetch(codes, lanes * j + ahead)
-                            acc = lookup_add(acc, table, 32 * j, codes, lanes * j)
-                        scaled_store(row, lanes * b, acc, delta, t0 > 0)
-            for m in range(m_count):
-                for i in range(lanes * b0, lanes * b1):
-                    out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
 
-    return kernel
+def _exact_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
+    xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
+    KERNEL(TABLES(xs), codes, scale_out, bias, out)
+
+
+def _fast_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
+    xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
+    tables, deltas = TABLES(xs)
+    KERNEL(tables, deltas, codes, scale_out, bias, out)
 
 
 @functools.cache
@@ -269,26 +289,15 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
     portable kernels, whose ``codes`` are the format v1 bytes (N, Kp / 8), the SIMD ones take row blocks.
     ``serial`` picks the single-threaded scales and tables.
     """
-    scales_of = scales_serial if serial else scales
     if fast:
-        tables_of = fast_tables_serial if serial else fast_tables
+        template, tables = _fast_layer_template, fast_tables_serial if serial else fast_tables
         kernel = portable_fast_kernel if lanes == 1 else fast_kernel(lanes)
-
-        @njit
-        def run(x, router, s_in, s_out, bias, kp, codes, out):
-            xs, scale_out = scales_of(x, router, s_in, s_out, kp, out.shape[1])
-            tables, deltas = tables_of(xs)
-            kernel(tables, deltas, codes, scale_out, bias, out)
     else:
-        tables_of = exact_tables_serial if serial else exact_tables
+        template, tables = _exact_layer_template, exact_tables_serial if serial else exact_tables
         kernel = portable_kernel if lanes == 1 else lookup_kernel(lanes)
-
-        @njit
-        def run(x, router, s_in, s_out, bias, kp, codes, out):
-            xs, scale_out = scales_of(x, router, s_in, s_out, kp, out.shape[1])
-            kernel(tables_of(xs), codes, scale_out, bias, out)
-
-    return run
+    name = f"layer_{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
+    return _variant(template, name, False, SCALES=scales_serial if serial else scales, TABLES=tables,
+                    KERNEL=kernel)
 
 
 @njit(parallel=True, cache=True)

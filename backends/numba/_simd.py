@@ -1,8 +1,8 @@
 """SIMD vectors and the x86 table-lookup instruction for Numba kernels, through LLVM intrinsics.
 
-Numba has no vector types, so this module adds two (16 and 8 float32 lanes, held in LLVM vector registers) and
-the few operations the lookup kernels need. `ops(lanes)` returns them as a namespace; kernels are written once
-against that namespace (see _kernels.py).
+Numba has no vector types, so this module adds them (16 and 8 float32 lanes, 64 and 32 int16 lanes, held in
+LLVM vector registers) and the few operations the lookup kernels need. `ops(lanes)` and `byte_ops(lanes)`
+return them as a namespace module; kernels are written once against that namespace (see _kernels.py).
 
 The lookup: for a group of 4 activations, the 16 signed sums ``sum_b (+/-) a_b`` form a 16-entry float32 table
 indexed by the 4 sign bits of a weight row. ``vpermps`` looks up one entry per lane, so with one row per lane a
@@ -94,8 +94,16 @@ def _avx2_lookup(builder, table_lo, table_hi, codes):
     return builder.select(upper, builder.call(fn, [table_hi, codes]), builder.call(fn, [table_lo, codes]))
 
 
+def _namespace(name: str, **members: object) -> pytypes.ModuleType:
+    """A module object holding ``members``: kernels reach them as ``ops.zeros()``, which Numba resolves at
+    compile time for module attributes (not for other namespace objects)."""
+    module = pytypes.ModuleType(f"{__name__}.{name}")
+    module.__dict__.update(members)
+    return module
+
+
 @functools.cache
-def ops(lanes: int) -> pytypes.SimpleNamespace:
+def ops(lanes: int) -> pytypes.ModuleType:
     """The vector operations for ``lanes`` = 16 (AVX-512) or 8 (AVX2).
 
     Returns a namespace with:
@@ -170,7 +178,7 @@ def ops(lanes: int) -> pytypes.SimpleNamespace:
 
         return types.void(array, offset, vector), codegen
 
-    return pytypes.SimpleNamespace(lanes=lanes, zeros=zeros, load_codes=load_codes, high_nibbles=high_nibbles,
+    return _namespace(f"ops{lanes}", lanes=lanes, zeros=zeros, load_codes=load_codes, high_nibbles=high_nibbles,
                                    lookup_add=lookup_add, add=add, load=load, store=store)
 
 
@@ -179,7 +187,7 @@ SHUFFLE_INTRINSICS = {64: "llvm.x86.avx512.pshuf.b.512", 32: "llvm.x86.avx2.pshu
 
 
 @functools.cache
-def byte_ops(lanes: int) -> pytypes.SimpleNamespace:
+def byte_ops(lanes: int) -> pytypes.ModuleType:
     """The int8 table-lookup operations of the fast mode, for ``lanes`` = 64 (AVX-512BW) or 32 (AVX2) rows.
 
     One ``pshufb`` looks up a 16-entry int8 table (the quantised signed sums of 4 inputs) with the 4-bit code
@@ -244,7 +252,7 @@ def byte_ops(lanes: int) -> pytypes.SimpleNamespace:
 
         return types.void(out, offset, acc, scale, accumulate), codegen
 
-    return pytypes.SimpleNamespace(lanes=lanes, zeros=zeros, lookup_add=lookup_add, scaled_store=scaled_store)
+    return _namespace(f"byte_ops{lanes}", lanes=lanes, zeros=zeros, lookup_add=lookup_add, scaled_store=scaled_store)
 
 
 @intrinsic
