@@ -120,9 +120,10 @@ class Workload:
         return layer(self.x)
 
     def prime(self) -> None:
-        """One call per layer, so that per-layer work done once (derived kernel layouts) is not timed."""
-        for _ in self.layers:
-            self()
+        """One single-token call per layer, so that per-layer work done once (derived kernel layouts) is not
+        timed."""
+        for layer in self.prepared:
+            layer(self.x[:1])
 
     def synchronized(self) -> Any:
         """One call that returns only when a CUDA device has finished it (for wall-clock timers like asv's)."""

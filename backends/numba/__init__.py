@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -163,7 +164,9 @@ class PreparedLayer:
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
         self.bias = None if bias is None else _float32(bias)
         self.fast = fast
+        self.kp = 8 * row_bytes(self.k)
         self._bias_padded: dict[int, np.ndarray] = {}
+        self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any, np.ndarray]] = {}
 
     def bias_padded(self, np_: int) -> np.ndarray:
         """(Np,) float32: the bias (or zeros) padded with zeros to the kernel's row count."""
@@ -175,10 +178,23 @@ class PreparedLayer:
             self._bias_padded[np_] = padded
         return padded
 
+    def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any, np.ndarray]:
+        """(Np, codes, compiled layer kernel, padded bias) of the lookup path on ``isa``, kept per layer: at
+        batch 1 the Python between two kernels costs as much as the scales and tables together."""
+        found = self._lookups.get((isa, serial))
+        if found is None:
+            lanes = (FAST_LANES if self.fast else LANES)[isa]
+            np_ = -(-self.n // lanes) * lanes
+            codes = self.data if lanes == 1 else layout.cached_row_blocks(self.owner, self.data, lanes)
+            found = (np_, codes, _kernels.layer_kernel(self.fast, lanes, serial), self.bias_padded(np_))
+            self._lookups[(isa, serial)] = found
+        return found
+
     def __call__(self, x: Any) -> Any:
         n, k = self.n, self.k
-        m = int(np.prod(x.shape[:-1]))
-        bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
+        m = math.prod(x.shape[:-1])
+        torch_x = arrays.is_torch(x)
+        bf16 = torch_x and arrays.dtype_name(x) == "bfloat16"
         isa, reason = selected_isa()
         path, path_reason = selected_path(m, isa, bf16)
         if isa is None or path is None:
@@ -186,21 +202,16 @@ class PreparedLayer:
         if bf16 and path == "gemm" and not self.fast:
             return _bf16_gemm(x.reshape(m, k), self).reshape(*x.shape[:-1], n)
         x32 = _float32(x).reshape(m, k)
-        if self.fast:
-            path = "lookup"
-        lanes = (FAST_LANES if self.fast else LANES)[isa] if path == "lookup" else 1
-        np_ = -(-n // lanes) * lanes
-        out = arrays.empty(x32, (m, np_), np.float32)
-        kp = 8 * row_bytes(k)
-        if path == "gemm":
-            xs, scale_out = _kernels.scales(x32, self.router, self.s_in, self.s_out, kp, np_)
-            _gemm(xs, self.data, scale_out, self.bias_padded(np_), out[:, :n])
+        if path == "gemm" and not self.fast:
+            out = arrays.empty(x32, (m, n), np.float32)
+            xs, scale_out = _kernels.scales(x32, self.router, self.s_in, self.s_out, self.kp, n)
+            _gemm(xs, self.data, scale_out, self.bias_padded(n), out)
         else:
-            codes = self.data if lanes == 1 else layout.cached_row_blocks(self.owner, self.data, lanes)
-            run = _kernels.layer_kernel(self.fast, lanes, m <= SERIAL_MAX_M)
-            run(x32, self.router, self.s_in, self.s_out, self.bias_padded(np_), kp, codes, out)
-        y = out[:, :n].reshape(*x.shape[:-1], n)
-        if arrays.is_torch(x):
+            np_, codes, run, bias = self.lookup(isa, m <= SERIAL_MAX_M)
+            out = arrays.empty(x32, (m, np_), np.float32)
+            run(x32, self.router, self.s_in, self.s_out, bias, self.kp, codes, out)
+        y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
+        if torch_x:
             import torch
 
             return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
