@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers reused (cache) or rotated beyond the L3 (dram) (default: both)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch, BLAS and numba (default: the libraries' own)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per median, at most (default: 10)")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="timed calls per median, at most (default: 50; --budget caps slow calls)")
     parser.add_argument("--budget", type=float, default=2.0,
                         help="seconds per median: fewer repeats (>= 3) for slow calls (default: 2)")
     parser.add_argument("--warmup", type=float, default=0.3,
