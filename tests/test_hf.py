@@ -228,6 +228,21 @@ def test_packed_layers_prepare_once_and_notice_changed_buffers():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_set_precision_switches_every_packed_layer():
+    model = torch.nn.Sequential(*(mh.PackedMoSLinear.from_mos(mh.MoSLinear.from_weight(torch.randn(n, k), None, 2))
+                                  for n, k in ((6, 40), (5, 6))))
+    assert mh.set_precision(model, "fast") == 2
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        y = model(x)
+        layer = model[0]
+        expected = mosbits.matmul(x, *layer.matmul_args()[:3], precision="fast")
+        torch.testing.assert_close(model[1](expected), y, rtol=0, atol=0)
+        assert layer.prepared().precision == "fast"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        mh.set_precision(model, "int4")
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
 def test_bad_num_experts_is_refused(bad):
     with pytest.raises((TypeError, ValueError), match="num_experts"):

@@ -19,7 +19,7 @@ from mosbits.hf.binarymos import convert_binarymos
 from mosbits.hf.convert import binarize, pack
 from mosbits.hf.distillation import DistillationTrainer, distill, distillation_loss
 from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplexity
-from mosbits.hf.layers import MoSLinear, PackedMoSLinear
+from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision
 from mosbits.hf.quantizer import MoSConfig, MoSHfQuantizer, check_packed, load, register
 
 register()
@@ -41,4 +41,5 @@ __all__ = [
     "model_size",
     "pack",
     "perplexity",
+    "set_precision",
 ]

@@ -123,11 +123,15 @@ class PackedMoSLinear(_MoSShape):
         s_in: (E, K), s_out: (E, N), float; their dtype is the layer's.
         router: (E, K) in the layer's dtype; None when E = 1 (then the gate is 1 and a zero router stands in).
         bias: (N,) or None.
+
+    Attribute ``precision`` ("exact" by default, or "fast": `mosbits.precision`) is the ``precision=`` of its
+    calls; `set_precision` sets it for a whole model. It is not saved.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, num_experts)
+        self.precision = "exact"
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("signs", torch.zeros(out_features, row_bytes(in_features), dtype=torch.uint8,
                                                   device=device))
@@ -160,17 +164,17 @@ class PackedMoSLinear(_MoSShape):
         dtype, x = x.dtype, x.to(self.s_in.dtype)
         if x.requires_grad and torch.is_grad_enabled():
             packed, experts, router, bias = self.matmul_args()
-            return mosbits.matmul(x, packed, experts, router, bias=bias).to(dtype)
+            return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
         return self.prepared()(x).to(dtype)
 
     def prepared(self) -> mosbits.PreparedLayer:
         """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when a
         buffer is replaced, moved or changed in place (tracked by identity and torch's version counter)."""
         buffers = (self.signs, self.s_in, self.s_out, self.router, self.bias)
-        key = tuple((id(t), t._version) if t is not None else None for t in buffers)
+        key = (self.precision, *((id(t), t._version) if t is not None else None for t in buffers))
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != key:
-            cached = (key, mosbits.prepare(*self.matmul_args()))
+            cached = (key, mosbits.prepare(*self.matmul_args(), precision=self.precision))
             self.__dict__["_prepared"] = cached
         return cached[1]
 
@@ -216,3 +220,13 @@ def rank1_abs_factors(w: torch.Tensor, iterations: int = 500, tol: float = 1e-12
             break
     root = sigma.sqrt()
     return (root * u).to(w.dtype), (root * v).to(w.dtype)
+
+
+def set_precision(model: nn.Module, precision: str) -> int:
+    """Set the ``precision=`` ("exact" or "fast", `mosbits.precision`) of every `PackedMoSLinear` in ``model``;
+    returns how many there are. "fast" runs on the numba backend only: the next forward raises elsewhere."""
+    mosbits.precision.check(precision)
+    layers = [m for m in model.modules() if isinstance(m, PackedMoSLinear)]
+    for layer in layers:
+        layer.precision = precision
+    return len(layers)
