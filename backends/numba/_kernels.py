@@ -34,12 +34,17 @@ K_TILE = FAST_BLOCK // 8
 the kernel sweeps a chunk of row blocks (measured best of 64..512 at K = 4096 and 11008). In the fast mode a
 tile is one block of the int8 grid, and its int16 sums stay exact: 256 groups x 127 < 2^15."""
 
-ROW_CHUNK = 32
-"""Row blocks per parallel work item: their codes for one K tile (64 KiB with 16 lanes) stay in L2 while the
-kernel runs every token over them."""
+ROW_CHUNKS = {"exact": (8, 32), "fast": (4, 8)}
+"""Row blocks per parallel work item, (for one or two tokens, for more): a chunk's codes for one K tile stay in
+L2 while the kernel runs every token over them, so many tokens want big chunks, while at batch 1 small chunks
+keep both threads streaming. Measured here (kernel alone, 4096 x 4096): exact M = 1 from DRAM 107 us with 8
+against 120 with 32, M = 512 39 ms with 32 against 62 with 8; fast M = 1 from DRAM 80 us with 4 against 96 with
+8, M = 512 21.6 ms with 8 against 22.6 with 4."""
 
-FAST_ROW_CHUNK = 8
-"""Row blocks (of 64 or 32 rows) per parallel work item in the fast kernel."""
+TABLE_BYTES = 4 << 20
+"""Tokens are processed in blocks whose float32 tables (16 * Kp bytes a token) fit this: 64 tokens at
+K = 4096. Building all 512 tokens' tables at once wrote (and page-faulted) 32 MiB a call: M = 512 at 4096 x 4096
+took 55 ms, 45 ms in blocks."""
 
 SIGN_OF_BIT = np.array([[1.0 if (code >> bit) & 1 else -1.0 for bit in range(4)] for code in range(16)],
                        dtype=np.float32)
@@ -175,18 +180,18 @@ SIMD = _simd.ops(16)
 """In the kernel templates: the `_simd` namespace of the variant being compiled (bound by `_variant`)."""
 LANES = 16
 """In the kernel templates: rows per block of the variant being compiled (bound by `_variant`)."""
-SCALES, TABLES, KERNEL = scales, exact_tables, None
-"""In the layer templates: the functions the variant calls (bound by `_variant`)."""
+SCALES, TABLES, KERNEL, ROW_CHUNK = scales, exact_tables, None, ROW_CHUNKS["exact"][1]
+"""In the layer templates: the functions the variant calls and its kernel's row chunk (bound by `_variant`)."""
 
 
-def _lookup_template(tables, blocks, scale_out, bias, out):
+def _lookup_template(tables, blocks, scale_out, bias, out, row_chunk):
     m_count = tables.shape[0]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
     ahead = blocks.shape[1]
-    for chunk in prange(-(-n_blocks // ROW_CHUNK)):
-        b0 = chunk * ROW_CHUNK
-        b1 = min(n_blocks, b0 + ROW_CHUNK)
+    for chunk in prange(-(-n_blocks // row_chunk)):
+        b0 = chunk * row_chunk
+        b1 = min(n_blocks, b0 + row_chunk)
         for t0 in range(0, kbytes, K_TILE):
             t1 = min(kbytes, t0 + K_TILE)
             for m in range(m_count):
@@ -217,10 +222,10 @@ def lookup_kernel(lanes: int):
     """The SIMD lookup kernel for 16 (AVX-512) or 8 (AVX2) lanes (compiled on first use, then cached on disk).
 
     kernel(tables (M, Kp / 4 * 16), blocks (Np / lanes, Kp / 8 * lanes) uint8, scale_out (M, Np), bias (Np,),
-    out (M, Np)): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the derived layout of
-    layout.py), so one load gives the codes of ``lanes`` rows for two groups. Work is split into chunks of
-    ROW_CHUNK row blocks; within a chunk the kernel walks K in tiles of K_TILE byte columns and, per tile, every
-    token over every block, keeping partial sums in ``out``.
+    out (M, Np), row_chunk): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the derived layout
+    of layout.py), so one load gives the codes of ``lanes`` rows for two groups. Work is split into chunks of
+    ``row_chunk`` row blocks (ROW_CHUNKS); within a chunk the kernel walks K in tiles of K_TILE byte columns and,
+    per tile, every token over every block, keeping partial sums in ``out``.
 
     Each step prefetches the codes the next row block reads at the same step ("ahead"): with the weights in
     DRAM, the hardware prefetchers alone left the kernels far behind a plain read of the same bytes (4096 x
@@ -229,14 +234,14 @@ def lookup_kernel(lanes: int):
     return _variant(_lookup_template, f"lookup_kernel_{lanes}", True, SIMD=_simd.ops(lanes), LANES=lanes)
 
 
-def _fast_template(tables, deltas, blocks, scale_out, bias, out):
+def _fast_template(tables, deltas, blocks, scale_out, bias, out, row_chunk):
     m_count = tables.shape[0]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
     ahead = blocks.shape[1]
-    for chunk in prange(-(-n_blocks // FAST_ROW_CHUNK)):
-        b0 = chunk * FAST_ROW_CHUNK
-        b1 = min(n_blocks, b0 + FAST_ROW_CHUNK)
+    for chunk in prange(-(-n_blocks // row_chunk)):
+        b0 = chunk * row_chunk
+        b1 = min(n_blocks, b0 + row_chunk)
         for t0 in range(0, kbytes, K_TILE):
             t1 = min(kbytes, t0 + K_TILE)
             for m in range(m_count):
@@ -261,7 +266,8 @@ def fast_kernel(lanes: int):
     cached on disk).
 
     kernel(tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK)), blocks (Np / lanes, Kp / 8 * lanes)
-    uint8, scale_out (M, Np), bias (Np,), out (M, Np)): blocks and prefetching as in `lookup_kernel`. Per K tile
+    uint8, scale_out (M, Np), bias (Np,), out (M, Np), row_chunk): blocks, chunks and prefetching as in
+    `lookup_kernel`. Per K tile
     (one grid block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid
     step is added to ``out`` in float32.
     """
@@ -270,13 +276,19 @@ def fast_kernel(lanes: int):
 
 def _exact_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
     xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
-    KERNEL(TABLES(xs), codes, scale_out, bias, out)
+    step = max(1, TABLE_BYTES // (16 * kp))
+    for m0 in range(0, x.shape[0], step):
+        m1 = min(x.shape[0], m0 + step)
+        KERNEL(TABLES(xs[m0:m1]), codes, scale_out[m0:m1], bias, out[m0:m1], ROW_CHUNK)
 
 
 def _fast_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
     xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
-    tables, deltas = TABLES(xs)
-    KERNEL(tables, deltas, codes, scale_out, bias, out)
+    step = max(1, TABLE_BYTES // (16 * kp))
+    for m0 in range(0, x.shape[0], step):
+        m1 = min(x.shape[0], m0 + step)
+        tables, deltas = TABLES(xs[m0:m1])
+        KERNEL(tables, deltas, codes, scale_out[m0:m1], bias, out[m0:m1], ROW_CHUNK)
 
 
 @functools.cache
@@ -284,10 +296,11 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
     """The whole lookup path of a layer as one compiled call (a call from Python into Numba costs
     microseconds per argument, and at batch 1 a layer takes about 0.1 ms).
 
-    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (Np,), kp, codes, out (M, Np)): `scales`, then
-    `fast_tables` and `fast_kernel(lanes)` or `exact_tables` and `lookup_kernel(lanes)`; ``lanes`` 1 means the
-    portable kernels, whose ``codes`` are the format v1 bytes (N, Kp / 8), the SIMD ones take row blocks.
-    ``serial`` picks the single-threaded scales and tables.
+    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (Np,), kp, codes, out (M, Np)): `scales`, then, per
+    block of tokens (TABLE_BYTES), `fast_tables` and `fast_kernel(lanes)` or `exact_tables` and `lookup_kernel(lanes)`;
+    ``lanes`` 1 means the portable kernels, whose ``codes`` are the format v1 bytes (N, Kp / 8), the SIMD ones take
+    row blocks. ``serial`` (for one or two tokens) picks the single-threaded scales and tables and the small row
+    chunks.
     """
     if fast:
         template, tables = _fast_layer_template, fast_tables_serial if serial else fast_tables
@@ -296,14 +309,16 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
         template, tables = _exact_layer_template, exact_tables_serial if serial else exact_tables
         kernel = portable_kernel if lanes == 1 else lookup_kernel(lanes)
     name = f"layer_{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
+    row_chunk = ROW_CHUNKS["fast" if fast else "exact"][0 if serial else 1]
     return _variant(template, name, False, SCALES=scales_serial if serial else scales, TABLES=tables,
-                    KERNEL=kernel)
+                    KERNEL=kernel, ROW_CHUNK=row_chunk)
 
 
 @njit(parallel=True, cache=True)
-def portable_kernel(tables, data, scale_out, bias, out):
+def portable_kernel(tables, data, scale_out, bias, out, row_chunk):
     """Scalar lookups on the format v1 bytes, for CPUs without AVX2: data (N, Kp / 8) uint8, the rest as in
-    the SIMD kernel (out (M, Np), only the first N columns written)."""
+    the SIMD kernel (out (M, Np), only the first N columns written; one row per work item, so ``row_chunk`` is
+    unused)."""
     m_count = tables.shape[0]
     n, kbytes = data.shape
     for i in prange(n):
@@ -319,9 +334,9 @@ def portable_kernel(tables, data, scale_out, bias, out):
 
 
 @njit(parallel=True, cache=True)
-def portable_fast_kernel(tables, deltas, data, scale_out, bias, out):
+def portable_fast_kernel(tables, deltas, data, scale_out, bias, out, row_chunk):
     """Scalar int8 lookups on the format v1 bytes: data (N, Kp / 8) uint8, the rest as in `fast_kernel`
-    (out (M, Np), only the first N columns written)."""
+    (out (M, Np), only the first N columns written; ``row_chunk`` unused)."""
     m_count = tables.shape[0]
     n, kbytes = data.shape
     for i in prange(n):
