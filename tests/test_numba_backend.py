@@ -3,6 +3,7 @@ gemm path) through the harness's checks, the fast mode of each instruction set a
 exact cases and its NMSE target, the forcing rules, the derived layout, and the refusal of tensors that need
 gradients."""
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -113,6 +114,13 @@ def test_fast_mode_is_exact_on_a_unit_grid(isa, batch, k, n):
     with numba_backend.forced(isa):
         y = mosbits.matmul(**case.arguments("numpy", "float32"), backend="numba", precision="fast")
     np.testing.assert_array_equal(y, testing.truth(**case.arguments("numpy", "float32")).astype(np.float32))
+
+
+def test_a_peaked_router_with_subnormal_gates_stays_within_tolerance(forced):
+    """Logits 1e3 apart leave gates far below 2^-126, which the kernels flush to zero."""
+    case = testing.random_case(np.random.default_rng(7), (5,), 300, 20, 4, bias=True)
+    case = dataclasses.replace(case, router=case.router * np.float32(3000))
+    check_close(case, "numba", "numpy", "float32", numba_backend)
 
 
 def test_auto_runs_the_fast_mode_on_numba():
