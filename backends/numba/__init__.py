@@ -163,31 +163,20 @@ class PreparedLayer:
         self.owner = packed.data
         self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
-        self.bias = None if bias is None else _float32(bias)
+        self.bias = np.zeros(self.n, np.float32) if bias is None else _float32(bias)
         self.fast = fast
         self.kp = 8 * row_bytes(self.k)
-        self._bias_padded: dict[int, np.ndarray] = {}
-        self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any, np.ndarray]] = {}
+        self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any]] = {}
 
-    def bias_padded(self, np_: int) -> np.ndarray:
-        """(Np,) float32: the bias (or zeros) padded with zeros to the kernel's row count."""
-        padded = self._bias_padded.get(np_)
-        if padded is None:
-            padded = np.zeros(np_, np.float32)
-            if self.bias is not None:
-                padded[:self.n] = self.bias
-            self._bias_padded[np_] = padded
-        return padded
-
-    def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any, np.ndarray]:
-        """(Np, codes, compiled layer kernel, padded bias) of the lookup path on ``isa``, kept per layer: at
-        batch 1 the Python between two kernels costs as much as the scales and tables together."""
+    def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any]:
+        """(Np, codes, compiled layer kernel) of the lookup path on ``isa``, kept per layer: at batch 1 the
+        Python between two kernels costs as much as the scales and tables together."""
         found = self._lookups.get((isa, serial))
         if found is None:
             lanes = (FAST_LANES if self.fast else LANES)[isa]
             np_ = -(-self.n // lanes) * lanes
             codes = self.data if lanes == 1 else layout.cached_row_blocks(self.owner, self.data, lanes)
-            found = (np_, codes, _kernels.layer_kernel(self.fast, lanes, serial), self.bias_padded(np_))
+            found = (np_, codes, _kernels.layer_kernel(self.fast, lanes, serial))
             self._lookups[(isa, serial)] = found
         return found
 
@@ -205,12 +194,13 @@ class PreparedLayer:
         x32 = _float32(x).reshape(m, k)
         if path == "gemm" and not self.fast:
             out = arrays.empty(x32, (m, n), np.float32)
-            xs, scale_out = _kernels.scales(x32, self.router, self.s_in, self.s_out, self.kp, n)
-            _gemm(xs, self.data, scale_out, self.bias_padded(n), out)
+            xs, gates = _kernels.scales(x32, self.router, self.s_in, self.kp)
+            _gemm(xs, self.data, out)
+            _kernels.scale_rows(out, gates, self.s_out, self.bias)
         else:
-            np_, codes, run, bias = self.lookup(isa, m <= SERIAL_MAX_M)
+            np_, codes, run = self.lookup(isa, m <= SERIAL_MAX_M)
             out = arrays.empty(x32, (m, np_), np.float32)
-            run(x32, self.router, self.s_in, self.s_out, bias, self.kp, codes, out)
+            run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out)
         y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
         if torch_x:
             import torch
@@ -219,9 +209,9 @@ class PreparedLayer:
         return y.astype(x.dtype, copy=False)
 
 
-def _gemm(xs: np.ndarray, data: np.ndarray, scale_out: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """out (M, N) = (xs (M, Kp) @ B.T) * scale_out + bias, with B unpacked GEMM_TILE_BYTES of float32 rows at a
-    time (never the whole matrix) and multiplied by NumPy's BLAS."""
+def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:
+    """out (M, N) = xs (M, Kp) @ B.T, with B unpacked GEMM_TILE_BYTES of float32 rows at a time (never the whole
+    matrix) and multiplied by NumPy's BLAS."""
     n, kp = out.shape[1], xs.shape[1]
     rows = max(1, GEMM_TILE_BYTES // (4 * kp))
     tile = np.empty((min(rows, n), kp), dtype=np.float32)
@@ -229,7 +219,6 @@ def _gemm(xs: np.ndarray, data: np.ndarray, scale_out: np.ndarray, bias: np.ndar
         count = min(rows, n - n0)
         _kernels.unpack_rows(data, n0, tile[:count])
         out[:, n0:n0 + count] = xs @ tile[:count].T
-    _kernels.scale_rows(out, scale_out, bias)
 
 
 def _bf16_gemm(x: Any, layer: PreparedLayer) -> Any:
@@ -240,7 +229,7 @@ def _bf16_gemm(x: Any, layer: PreparedLayer) -> Any:
 
     n, k = layer.n, layer.k
     router, s_in, s_out = (torch.from_numpy(a) for a in (layer.router, layer.s_in, layer.s_out))
-    bias = torch.from_numpy(layer.bias_padded(n))
+    bias = torch.from_numpy(layer.bias)
     gates = torch.softmax(torch.mm(x.float(), router.T), dim=-1)
     xs16 = torch.mm(gates, s_in).mul_(x).to(torch.bfloat16)
     kp = 8 * row_bytes(k)

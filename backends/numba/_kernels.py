@@ -4,10 +4,10 @@ Shapes: M tokens, K inputs padded to Kp = 32 * ceil(K / 32), N outputs padded to
 E experts. Group g holds inputs 4g .. 4g + 3; byte j of a packed row holds groups 2j (low nibble) and 2j + 1
 (high nibble), bit b of a nibble being the sign of input 4g + b (format v1).
 
-1. `scales`: the gates, x * s_in and s_out per token.
+1. `scales`: the gates and x * s_in per token (g @ s_out is applied in the kernels' epilogue).
 2. For the lookup paths, `exact_tables` and a lookup kernel: `lookup_kernel(lanes)` for the SIMD paths
    (one output row per lane, see _simd.py) or `portable_kernel` (scalar, on the format v1 bytes). Both write
-   ``out[m, n] = (sum_g table[m, g][code(n, g)]) * scale_out[m, n] + bias[n]``.
+   ``out[m, n] = (sum_g table[m, g][code(n, g)]) * (gates[m] @ s_out)[n] + bias[n]``.
    The fast mode (`mosbits.precision`): `fast_tables` (int8 tables and their grids) and `fast_kernel(lanes)`
    (``pshufb``, one row per byte lane) or `portable_fast_kernel`, with the same output.
    Each table builder and `scales` has a `serial` twin for one or two tokens.
@@ -75,40 +75,49 @@ def _token_gates(x, router):
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _token_scales(x, router, s_in, s_out, xs, scale_out):
-    """One token: xs (Kp,) = x * (g @ s_in), scale_out (Np,) = g @ s_out, g = softmax(x @ router.T); x (K,);
-    xs and scale_out arrive zeroed."""
+def _token_scales(x, router, s_in, xs):
+    """One token x (K,): xs (Kp,) = x * (g @ s_in) (xs arrives zeroed); returns g = softmax(x @ router.T)."""
     e_count, k = router.shape
-    n = s_out.shape[1]
     gates = _token_gates(x, router)
     for e in range(e_count):
         gate = gates[e]
         for i in range(k):
             xs[i] += gate * s_in[e, i]
-        for i in range(n):
-            scale_out[i] += gate * s_out[e, i]
     for i in range(k):
         xs[i] *= x[i]
+    return gates
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def scales(x, router, s_in, s_out, kp, np_):
-    """The token-adaptive scales, applied to the inputs.
+def scales(x, router, s_in, kp):
+    """The token-adaptive input scales, applied to the inputs.
 
     Args:
-        x: (M, K) float32; router, s_in: (E, K) float32; s_out: (E, N) float32; kp: K padded to 32; np_: N
-            padded to the lanes.
+        x: (M, K) float32; router, s_in: (E, K) float32; kp: K padded to 32.
 
     Returns:
         xs: (M, Kp) float32, x * (g @ s_in) with g = softmax(x @ router.T), zero past K.
-        scale_out: (M, Np) float32, g @ s_out, zero past N.
+        gates: (M, E) float32, g; the kernels apply g @ s_out in their epilogue (`_finish_rows`).
     """
-    m_count = x.shape[0]
+    m_count, e_count = x.shape[0], router.shape[0]
     xs = np.zeros((m_count, kp), dtype=np.float32)
-    scale_out = np.zeros((m_count, np_), dtype=np.float32)
+    gates = np.empty((m_count, e_count), dtype=np.float32)
     for m in prange(m_count):
-        _token_scales(x[m], router, s_in, s_out, xs[m], scale_out[m])
-    return xs, scale_out
+        gates[m] = _token_scales(x[m], router, s_in, xs[m])
+    return xs, gates
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _finish_rows(row, gates, s_out, bias, i0, i1, scale):
+    """row[i0:i1] = row[i0:i1] * (gates @ s_out[:, i0:i1]) + bias[i0:i1] for one token: gates (E,), s_out (E, N),
+    bias (N,), scale a float32 scratch of at least i1 - i0."""
+    scale[:i1 - i0] = 0
+    for e in range(gates.shape[0]):
+        gate = gates[e]
+        for i in range(i0, i1):
+            scale[i - i0] += gate * s_out[e, i]
+    for i in range(i0, i1):
+        row[i] = row[i] * scale[i - i0] + bias[i]
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -193,8 +202,9 @@ SCALES, TABLES, KERNEL, ROW_CHUNK = scales, exact_tables, None, ROW_CHUNKS["exac
 """In the layer templates: the functions the variant calls and its kernel's row chunk (bound by `_variant`)."""
 
 
-def _lookup_template(tables, blocks, scale_out, bias, out, row_chunk):
+def _lookup_template(tables, blocks, gates, s_out, bias, out, row_chunk):
     m_count = tables.shape[0]
+    n = s_out.shape[1]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
     ahead = blocks.shape[1]
@@ -221,20 +231,21 @@ def _lookup_template(tables, blocks, scale_out, bias, out, row_chunk):
                     if t0 > 0:
                         total = SIMD.add(total, SIMD.load(row, LANES * b))
                     SIMD.store(row, LANES * b, total)
+        scale = np.empty(LANES * row_chunk, dtype=np.float32)
         for m in range(m_count):
-            for i in range(LANES * b0, LANES * b1):
-                out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
+            _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
 
 
 @functools.cache
 def lookup_kernel(lanes: int):
     """The SIMD lookup kernel for 16 (AVX-512) or 8 (AVX2) lanes (compiled on first use, then cached on disk).
 
-    kernel(tables (M, Kp / 4 * 16), blocks (Np / lanes, Kp / 8 * lanes) uint8, scale_out (M, Np), bias (Np,),
-    out (M, Np), row_chunk): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the derived layout
-    of layout.py), so one load gives the codes of ``lanes`` rows for two groups. Work is split into chunks of
-    ``row_chunk`` row blocks (ROW_CHUNKS); within a chunk the kernel walks K in tiles of K_TILE byte columns and,
-    per tile, every token over every block, keeping partial sums in ``out``.
+    kernel(tables (M, Kp / 4 * 16), blocks (Np / lanes, Kp / 8 * lanes) uint8, gates (M, E), s_out (E, N),
+    bias (N,), out (M, Np), row_chunk): ``blocks[b, lanes * j + r]`` is byte j of row ``lanes * b + r`` (the
+    derived layout of layout.py), so one load gives the codes of ``lanes`` rows for two groups. Work is split into
+    chunks of ``row_chunk`` row blocks (ROW_CHUNKS); within a chunk the kernel walks K in tiles of K_TILE byte
+    columns and, per tile, every token over every block, keeping partial sums in ``out``; then it applies
+    g @ s_out and the bias to the chunk's rows (columns past N keep raw sums).
 
     Each step prefetches the codes the next row block reads at the same step ("ahead"): with the weights in
     DRAM, the hardware prefetchers alone left the kernels far behind a plain read of the same bytes (4096 x
@@ -243,8 +254,9 @@ def lookup_kernel(lanes: int):
     return _variant(_lookup_template, f"lookup_kernel_{lanes}", True, SIMD=_simd.ops(lanes), LANES=lanes)
 
 
-def _fast_template(tables, deltas, blocks, scale_out, bias, out, row_chunk):
+def _fast_template(tables, deltas, blocks, gates, s_out, bias, out, row_chunk):
     m_count = tables.shape[0]
+    n = s_out.shape[1]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
     ahead = blocks.shape[1]
@@ -264,9 +276,9 @@ def _fast_template(tables, deltas, blocks, scale_out, bias, out, row_chunk):
                         _simd.prefetch(codes, LANES * j + ahead)
                         acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
                     SIMD.scaled_store(row, LANES * b, acc, delta, t0 > 0)
+        scale = np.empty(LANES * row_chunk, dtype=np.float32)
         for m in range(m_count):
-            for i in range(LANES * b0, LANES * b1):
-                out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
+            _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
 
 
 @functools.cache
@@ -275,8 +287,8 @@ def fast_kernel(lanes: int):
     cached on disk).
 
     kernel(tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK)), blocks (Np / lanes, Kp / 8 * lanes)
-    uint8, scale_out (M, Np), bias (Np,), out (M, Np), row_chunk): blocks, chunks and prefetching as in
-    `lookup_kernel`. Per K tile
+    uint8, gates (M, E), s_out (E, N), bias (N,), out (M, Np), row_chunk): blocks, chunks, epilogue and
+    prefetching as in `lookup_kernel`. Per K tile
     (one grid block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid
     step is added to ``out`` in float32.
     """
@@ -284,20 +296,20 @@ def fast_kernel(lanes: int):
 
 
 def _exact_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
-    xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
+    xs, gates = SCALES(x, router, s_in, kp)
     step = max(1, TABLE_BYTES // (16 * kp))
     for m0 in range(0, x.shape[0], step):
         m1 = min(x.shape[0], m0 + step)
-        KERNEL(TABLES(xs[m0:m1]), codes, scale_out[m0:m1], bias, out[m0:m1], ROW_CHUNK)
+        KERNEL(TABLES(xs[m0:m1]), codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
 
 
 def _fast_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
-    xs, scale_out = SCALES(x, router, s_in, s_out, kp, out.shape[1])
+    xs, gates = SCALES(x, router, s_in, kp)
     step = max(1, TABLE_BYTES // (16 * kp))
     for m0 in range(0, x.shape[0], step):
         m1 = min(x.shape[0], m0 + step)
         tables, deltas = TABLES(xs[m0:m1])
-        KERNEL(tables, deltas, codes, scale_out[m0:m1], bias, out[m0:m1], ROW_CHUNK)
+        KERNEL(tables, deltas, codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
 
 
 @functools.cache
@@ -305,7 +317,7 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
     """The whole lookup path of a layer as one compiled call (a call from Python into Numba costs
     microseconds per argument, and at batch 1 a layer takes about 0.1 ms).
 
-    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (Np,), kp, codes, out (M, Np)): `scales`, then, per
+    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (N,), kp, codes, out (M, Np)): `scales`, then, per
     block of tokens (TABLE_BYTES), `fast_tables` and `fast_kernel(lanes)` or `exact_tables` and `lookup_kernel(lanes)`;
     ``lanes`` 1 means the portable kernels, whose ``codes`` are the format v1 bytes (N, Kp / 8), the SIMD ones take
     row blocks. ``serial`` (for one or two tokens) picks the single-threaded scales and tables and the small row
@@ -323,8 +335,17 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
                     KERNEL=kernel, ROW_CHUNK=row_chunk)
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _row_scale(gates, s_out, i):
+    """(g @ s_out)[i] for one token's gates (E,), summed as `_finish_rows` does."""
+    scale = np.float32(0.0)
+    for e in range(gates.shape[0]):
+        scale += gates[e] * s_out[e, i]
+    return scale
+
+
 @njit(parallel=True, cache=True)
-def portable_kernel(tables, data, scale_out, bias, out, row_chunk):
+def portable_kernel(tables, data, gates, s_out, bias, out, row_chunk):
     """Scalar lookups on the format v1 bytes, for CPUs without AVX2: data (N, Kp / 8) uint8, the rest as in
     the SIMD kernel (out (M, Np), only the first N columns written; one row per work item, so ``row_chunk`` is
     unused)."""
@@ -339,11 +360,11 @@ def portable_kernel(tables, data, scale_out, bias, out, row_chunk):
                 byte = data[i, j]
                 low += table[32 * j + (byte & 15)]
                 high += table[32 * j + 16 + (byte >> 4)]
-            out[m, i] = (low + high) * scale_out[m, i] + bias[i]
+            out[m, i] = (low + high) * _row_scale(gates[m], s_out, i) + bias[i]
 
 
 @njit(parallel=True, cache=True)
-def portable_fast_kernel(tables, deltas, data, scale_out, bias, out, row_chunk):
+def portable_fast_kernel(tables, deltas, data, gates, s_out, bias, out, row_chunk):
     """Scalar int8 lookups on the format v1 bytes: data (N, Kp / 8) uint8, the rest as in `fast_kernel`
     (out (M, Np), only the first N columns written; ``row_chunk`` unused)."""
     m_count = tables.shape[0]
@@ -358,7 +379,7 @@ def portable_fast_kernel(tables, deltas, data, scale_out, bias, out, row_chunk):
                     byte = data[i, j]
                     acc += table[32 * j + (byte & 15)] + table[32 * j + 16 + (byte >> 4)]
                 total += np.float32(acc) * deltas[m, t0 // K_TILE]
-            out[m, i] = total * scale_out[m, i] + bias[i]
+            out[m, i] = total * _row_scale(gates[m], s_out, i) + bias[i]
 
 
 SIGN_OF_BYTE = np.array([[1.0 if (byte >> bit) & 1 else -1.0 for bit in range(8)] for byte in range(256)],
@@ -391,10 +412,9 @@ def unpack_rows_bf16(data, n0, out):
                 out[i, 8 * j + b] = np.uint16(0xBF80) ^ (((byte >> b) & np.uint16(1)) << np.uint16(15))
 
 
-@njit(parallel=True, cache=True)
-def scale_rows(out, scale_out, bias):
-    """out (M, N) = out * scale_out[:, :N] + bias[:N], in place."""
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def scale_rows(out, gates, s_out, bias):
+    """out (M, N) = out * (gates @ s_out) + bias, in place; gates (M, E), s_out (E, N), bias (N,)."""
     m_count, n = out.shape
     for m in prange(m_count):
-        for i in range(n):
-            out[m, i] = out[m, i] * scale_out[m, i] + bias[i]
+        _finish_rows(out[m], gates[m], s_out, bias, 0, n, np.empty(n, dtype=np.float32))
