@@ -73,6 +73,17 @@ def test_every_kernel_is_exact_on_dyadic_inputs(forced, batch, k, n, e):
     np.testing.assert_array_equal(y, testing.truth(**args).astype(np.float32))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_lookups_are_exact_on_dyadic_inputs(isa):
+    """Below the gemm path's batch sizes bfloat16 inputs take the float32 lookups, which round only the output."""
+    pytest.importorskip("torch")
+    m = min(numba_backend.GEMM_MIN_M, numba_backend.BF16_GEMM_MIN_M) - 1
+    case = testing.dyadic_case(np.random.default_rng(m), (m,), 1000, 33, 4, bias=True)
+    with numba_backend.forced(isa):
+        y, args = run(case, "numba", "torch", "bfloat16", numba_backend)
+    np.testing.assert_array_equal(testing.to_float64(y), testing.round_to(testing.truth(**args), "bfloat16"))
+
+
 def check_fast(case, library, dtype):
     """The fast mode within `testing.fast_tolerance` of the reference, on a NaN-poisoned output."""
     args = case.arguments(library, dtype)

@@ -9,10 +9,10 @@ the sums); results are within the reference tolerance and exact on dyadic inputs
 byte lane: 256 weights per instruction with AVX-512BW, 128 with AVX2; its error bound is in
 `mosbits.precision`.
 
-The "gemm" path unpacks B in bounded tiles for a BLAS-class matmul instead: float32 tiles for NumPy's BLAS on
-CPUs without AVX2 from GEMM_MIN_M tokens on, and, for bfloat16 torch inputs from BF16_GEMM_MIN_M tokens on,
-bfloat16 tiles for torch's matmul (AMX or AVX512-BF16 where the CPU has them), with x * s_in rounded to
-bfloat16 as a dense bfloat16 matmul rounds its input.
+The "gemm" path unpacks B in bounded tiles for a BLAS-class matmul instead, on CPUs without AVX2 from GEMM_MIN_M
+tokens on and for bfloat16 torch inputs from BF16_GEMM_MIN_M tokens on: float32 tiles for NumPy's BLAS, or,
+for bfloat16 torch inputs, bfloat16 tiles for torch's matmul (AMX or AVX512-BF16 where the CPU has them), with
+x * s_in rounded to bfloat16 as a dense bfloat16 matmul rounds its input.
 The instruction set is detected at run time; ``MOSBITS_NUMBA_ISA=avx512|avx2|portable`` and
 ``MOSBITS_NUMBA_PATH=lookup|gemm`` (or `forced`) force one, and a forced set the CPU lacks is refused, never
 emulated. Kernels compile on first use. Threads:
