@@ -15,9 +15,9 @@ for bfloat16 torch inputs, bfloat16 tiles for torch's matmul (AMX or AVX512-BF16
 x * s_in rounded to bfloat16 as a dense bfloat16 matmul rounds its input.
 The instruction set is detected at run time; ``MOSBITS_NUMBA_ISA=avx512|avx2|portable`` and
 ``MOSBITS_NUMBA_PATH=lookup|gemm`` (or `forced`) force one, and a forced set the CPU lacks is refused, never
-emulated. Kernels compile on first use. Threads:
-``numba.set_num_threads``. NumPy arrays and CPU torch tensors are accepted; the backend is not differentiable,
-so it declines tensors that require grad (``backend="auto"`` then uses the torch backend).
+emulated. Kernels compile on first use and are kept in Numba's disk cache. Threads: ``numba.set_num_threads``.
+NumPy arrays and CPU torch tensors are accepted; the backend is not differentiable, so it declines tensors that
+require grad (``backend="auto"`` then uses the torch backend).
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def host_isas() -> list[str]:
 
 GEMM_MIN_M = 16
 """On CPUs without AVX2, from this batch size on B is unpacked tile by tile for a BLAS matmul instead of looked
-up token by token. The SIMD lookups stay faster at every batch size measured (up to 512 tokens: 68 ms against
-92 ms for the gemm path at 4096 x 4096 here), so they never switch."""
+up token by token. With AVX2 or AVX-512 the float32 lookups stay faster at every batch size measured (at 512
+tokens, 4096 x 4096: 68 ms against 92 ms for the gemm path when measured; the lookups now take 45 ms), so they
+never switch."""
 GEMM_TILE_BYTES = 4 << 20
 BF16_GEMM_MIN_M = 64
 """From this many bfloat16 tokens on, the gemm path (bfloat16 tiles) replaces the float32 lookups. At 4096 x 4096
