@@ -29,10 +29,13 @@ from mosbits.precision import FAST_BLOCK, FAST_LEVELS
 FASTMATH = {"reassoc", "contract"}
 """Reassociation lets LLVM vectorise reductions; NaN and inf keep their meaning (no nnan / ninf)."""
 
-K_TILE = FAST_BLOCK // 8
+K_TILE = 128
 """Byte columns (256 groups of 4 inputs) per tile: a token's float32 table slice is 16 KiB and stays in L1 while
-the kernel sweeps a chunk of row blocks (measured best of 64..512 at K = 4096 and 11008). In the fast mode a
-tile is one block of the int8 grid, and its int16 sums stay exact: 256 groups x 127 < 2^15."""
+the kernel sweeps a chunk of row blocks (measured best of 64..512 at K = 4096 and 11008)."""
+
+GRID_BYTES = FAST_BLOCK // 8
+"""Byte columns per block of the fast mode's int8 grid (a divisor of K_TILE): the int16 sums of one block stay
+exact (2 * GRID_BYTES * 127 < 2^15) and are scaled into a float32 sum per tile."""
 
 ROW_CHUNKS = {"exact": (8, 32), "fast": (4, 8)}
 """Row blocks per parallel work item, (for one or two tokens, for more): a chunk's codes for one K tile stay in
@@ -268,14 +271,16 @@ def _fast_template(tables, deltas, blocks, gates, s_out, bias, out, row_chunk):
             for m in range(m_count):
                 table = tables[m]
                 row = out[m]
-                delta = deltas[m, t0 // K_TILE]
                 for b in range(b0, b1):
                     codes = blocks[b]
-                    acc = SIMD.zeros()
-                    for j in range(t0, t1):
-                        _simd.prefetch(codes, LANES * j + ahead)
-                        acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
-                    SIMD.scaled_store(row, LANES * b, acc, delta, t0 > 0)
+                    total = SIMD.float_zeros()
+                    for s0 in range(t0, t1, GRID_BYTES):
+                        acc = SIMD.zeros()
+                        for j in range(s0, min(t1, s0 + GRID_BYTES)):
+                            _simd.prefetch(codes, LANES * j + ahead)
+                            acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
+                        total = SIMD.scaled_add(total, acc, deltas[m, s0 // GRID_BYTES])
+                    SIMD.store_sum(row, LANES * b, total, t0 > 0)
         scale = np.empty(LANES * row_chunk, dtype=np.float32)
         for m in range(m_count):
             _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
@@ -287,8 +292,9 @@ def fast_kernel(lanes: int):
     cached on disk).
 
     kernel(tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK)), blocks (Np / lanes, Kp / 8 * lanes)
-    uint8, gates (M, E), s_out (E, N), bias (N,), out (M, Np), row_chunk): blocks, chunks, epilogue and
-    prefetching as in `lookup_kernel`. Per K tile
+    uint8, gates (M, E), s_out (E, N), bias (N,), out (M, Np), row_chunk): blocks, chunks, tiles, epilogue and
+    prefetching as in `lookup_kernel`. Within a tile, the int8 lookups of each grid block (GRID_BYTES byte
+    columns) add up exactly in int16 and are scaled by the block's grid step into a float32 sum. Per K tile
     (one grid block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid
     step is added to ``out`` in float32.
     """
@@ -373,12 +379,12 @@ def portable_fast_kernel(tables, deltas, data, gates, s_out, bias, out, row_chun
         for m in range(m_count):
             table = tables[m]
             total = np.float32(0.0)
-            for t0 in range(0, kbytes, K_TILE):
+            for s0 in range(0, kbytes, GRID_BYTES):
                 acc = 0
-                for j in range(t0, min(kbytes, t0 + K_TILE)):
+                for j in range(s0, min(kbytes, s0 + GRID_BYTES)):
                     byte = data[i, j]
                     acc += table[32 * j + (byte & 15)] + table[32 * j + 16 + (byte >> 4)]
-                total += np.float32(acc) * deltas[m, t0 // K_TILE]
+                total += np.float32(acc) * deltas[m, s0 // GRID_BYTES]
             out[m, i] = total * _row_scale(gates[m], s_out, i) + bias[i]
 
 

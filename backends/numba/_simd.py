@@ -9,7 +9,9 @@ indexed by the 4 sign bits of a weight row. ``vpermps`` looks up one entry per l
 single instruction applies 4 weights to 16 rows (AVX-512) at once. AVX2's ``vpermps`` has 8 lanes and 3-bit
 indices: it looks up both halves of the table and selects by bit 3.
 
-Only call these on a CPU that has the instructions (see `mosbits.backends.numba.isa`): LLVM emits them as asked.
+Only call these on a CPU that has the instructions (see `mosbits.backends.numba.host_isas`): LLVM emits them as
+asked. Numba's disk cache of the kernels checks only _kernels.py for changes: after editing this module, delete
+backends/numba/__pycache__/*.nbi (or touch _kernels.py) so that cached kernels are rebuilt.
 """
 
 from __future__ import annotations
@@ -199,12 +201,14 @@ def byte_ops(lanes: int) -> pytypes.ModuleType:
             ``codes[code_offset:]``; their low nibbles index the table at ``tables[offset:offset + 16]``, their
             high nibbles the table at ``tables[offset + 16:offset + 32]``; both lookups are sign-extended and
             added to ``acc``.
-        scaled_store(f32 array, offset, acc, scale, accumulate) -> None:
-            ``out[offset:offset + lanes] = (out[...] if accumulate else 0) + acc * scale``
+        float_zeros() -> FloatVector of ``lanes`` float32
+        scaled_add(total, acc, scale) -> FloatVector: total + float(acc) * scale
+        store_sum(f32 array, offset, total, accumulate) -> None:
+            ``out[offset:offset + lanes] = (out[...] if accumulate else 0) + total``
     """
     if lanes not in SHUFFLE_INTRINSICS:
         raise ValueError(f"lanes must be 64 (AVX-512) or 32 (AVX2), got {lanes}")
-    short_type = ShortVector(lanes)
+    short_type, float_type = ShortVector(lanes), FloatVector(lanes)
     vb, vs, vf = ir.VectorType(_I8, lanes), ir.VectorType(_I16, lanes), ir.VectorType(_F32, lanes)
     table_type = ir.VectorType(_I8, 16)
     broadcast = ir.Constant(ir.VectorType(_I32, lanes), [i % 16 for i in range(lanes)])
@@ -238,21 +242,35 @@ def byte_ops(lanes: int) -> pytypes.ModuleType:
         return short_type(acc, tables, offset, codes, code_offset), codegen
 
     @intrinsic
-    def scaled_store(typingctx, out, offset, acc, scale, accumulate):
+    def float_zeros(typingctx):
         def codegen(context, builder, sig, args):
-            out, offset, acc, scale, accumulate = args
-            pointer = _vector_pointer(context, builder, sig.args[0], out, offset, vf)
+            return ir.Constant(vf, [0.0] * lanes)
+
+        return float_type(), codegen
+
+    @intrinsic
+    def scaled_add(typingctx, total, acc, scale):
+        def codegen(context, builder, sig, args):
+            total, acc, scale = args
             splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale, ir.Constant(_I32, 0))
             splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
-            value = builder.fmul(builder.sitofp(acc, vf), splat)
+            return builder.fadd(total, builder.fmul(builder.sitofp(acc, vf), splat))
+
+        return float_type(total, acc, scale), codegen
+
+    @intrinsic
+    def store_sum(typingctx, out, offset, total, accumulate):
+        def codegen(context, builder, sig, args):
+            out, offset, total, accumulate = args
+            pointer = _vector_pointer(context, builder, sig.args[0], out, offset, vf)
             previous = builder.load(pointer, align=4)
-            value = builder.select(accumulate, builder.fadd(previous, value), value)
-            builder.store(value, pointer, align=4)
+            builder.store(builder.select(accumulate, builder.fadd(previous, total), total), pointer, align=4)
             return context.get_dummy_value()
 
-        return types.void(out, offset, acc, scale, accumulate), codegen
+        return types.void(out, offset, total, accumulate), codegen
 
-    return _namespace(f"byte_ops{lanes}", lanes=lanes, zeros=zeros, lookup_add=lookup_add, scaled_store=scaled_store)
+    return _namespace(f"byte_ops{lanes}", lanes=lanes, zeros=zeros, lookup_add=lookup_add, float_zeros=float_zeros,
+                      scaled_add=scaled_add, store_sum=store_sum)
 
 
 @intrinsic
