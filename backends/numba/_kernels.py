@@ -173,18 +173,20 @@ def fast_tables(xs):
     return tables, deltas
 
 
-def _variant(template, name: str, parallel: bool, **bound):
-    """``template`` compiled under its own name, with module globals replaced by ``bound``.
+def _variant(template, name: str, parallel: bool, inline: bool = False, **bound):
+    """``template`` compiled under its own name, with module globals replaced by ``bound`` (and inlined into its
+    callers when ``inline``).
 
     Kernels that differ only in a constant or in the functions they call (the lanes, the SIMD operations, the
-    thread pool) are written once as a template and specialised here. Each specialisation is a module-level
-    function of its own name, so Numba's disk cache keeps it (it keys entries by qualified name and bytecode,
-    and cannot cache closures over intrinsics: every process recompiled those, about 1.5 s per kernel).
+    per-block body, the thread pool) are written once as a template and specialised here. Each specialisation
+    is a module-level function of its own name, so Numba's disk cache keeps it (it keys entries by qualified
+    name and bytecode, and cannot cache closures over intrinsics: every process recompiled those, about 1.5 s
+    per kernel).
     """
     copy = pytypes.FunctionType(template.__code__, {**template.__globals__, **bound}, name, template.__defaults__,
                                 template.__closure__)
     copy.__qualname__ = name
-    return njit(parallel=parallel, fastmath=FASTMATH, cache=True)(copy)
+    return njit(parallel=parallel, fastmath=FASTMATH, cache=True, inline="always" if inline else "never")(copy)
 
 
 def serial(kernel):
@@ -201,12 +203,14 @@ SIMD = _simd.ops(16)
 """In the kernel templates: the `_simd` namespace of the variant being compiled (bound by `_variant`)."""
 LANES = 16
 """In the kernel templates: rows per block of the variant being compiled (bound by `_variant`)."""
+BLOCK = None
+"""In the sweep template: the per-block body of the variant (bound by `_variant`)."""
 SCALES, TABLES, KERNEL, ROW_CHUNK = scales, exact_tables, None, ROW_CHUNKS["exact"][1]
-"""In the layer templates: the functions the variant calls and its kernel's row chunk (bound by `_variant`)."""
+"""In the layer template: the functions the variant calls and its kernel's row chunk (bound by `_variant`)."""
 
 
-def _lookup_template(tables, blocks, gates, s_out, bias, out, row_chunk):
-    m_count = tables.shape[0]
+def _sweep_template(lookup, blocks, gates, s_out, bias, out, row_chunk):
+    m_count = gates.shape[0]
     n = s_out.shape[1]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
@@ -217,26 +221,47 @@ def _lookup_template(tables, blocks, gates, s_out, bias, out, row_chunk):
         for t0 in range(0, kbytes, K_TILE):
             t1 = min(kbytes, t0 + K_TILE)
             for m in range(m_count):
-                table = tables[m]
                 row = out[m]
                 for b in range(b0, b1):
-                    codes = blocks[b]
-                    acc0, acc1, acc2, acc3 = SIMD.zeros(), SIMD.zeros(), SIMD.zeros(), SIMD.zeros()
-                    for j in range(t0, t1, 2):
-                        _simd.prefetch(codes, LANES * j + ahead)
-                        c0 = SIMD.load_codes(codes, LANES * j)
-                        c1 = SIMD.load_codes(codes, LANES * j + LANES)
-                        acc0 = SIMD.lookup_add(acc0, table, 32 * j, c0)
-                        acc1 = SIMD.lookup_add(acc1, table, 32 * j + 16, SIMD.high_nibbles(c0))
-                        acc2 = SIMD.lookup_add(acc2, table, 32 * j + 32, c1)
-                        acc3 = SIMD.lookup_add(acc3, table, 32 * j + 48, SIMD.high_nibbles(c1))
-                    total = SIMD.add(SIMD.add(acc0, acc1), SIMD.add(acc2, acc3))
-                    if t0 > 0:
-                        total = SIMD.add(total, SIMD.load(row, LANES * b))
-                    SIMD.store(row, LANES * b, total)
+                    BLOCK(lookup, m, blocks[b], t0, t1, ahead, row, LANES * b)
         scale = np.empty(LANES * row_chunk, dtype=np.float32)
         for m in range(m_count):
             _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
+
+
+def _exact_block_template(tables, m, codes, t0, t1, ahead, row, offset):
+    table = tables[m]
+    acc0, acc1, acc2, acc3 = SIMD.zeros(), SIMD.zeros(), SIMD.zeros(), SIMD.zeros()
+    for j in range(t0, t1, 2):
+        _simd.prefetch(codes, LANES * j + ahead)
+        c0 = SIMD.load_codes(codes, LANES * j)
+        c1 = SIMD.load_codes(codes, LANES * j + LANES)
+        acc0 = SIMD.lookup_add(acc0, table, 32 * j, c0)
+        acc1 = SIMD.lookup_add(acc1, table, 32 * j + 16, SIMD.high_nibbles(c0))
+        acc2 = SIMD.lookup_add(acc2, table, 32 * j + 32, c1)
+        acc3 = SIMD.lookup_add(acc3, table, 32 * j + 48, SIMD.high_nibbles(c1))
+    total = SIMD.add(SIMD.add(acc0, acc1), SIMD.add(acc2, acc3))
+    if t0 > 0:
+        total = SIMD.add(total, SIMD.load(row, offset))
+    SIMD.store(row, offset, total)
+
+
+def _fast_block_template(lookup, m, codes, t0, t1, ahead, row, offset):
+    tables, deltas = lookup
+    table = tables[m]
+    total = SIMD.float_zeros()
+    for s0 in range(t0, t1, GRID_BYTES):
+        acc = SIMD.zeros()
+        for j in range(s0, min(t1, s0 + GRID_BYTES)):
+            _simd.prefetch(codes, LANES * j + ahead)
+            acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
+        total = SIMD.scaled_add(total, acc, deltas[m, s0 // GRID_BYTES])
+    SIMD.store_sum(row, offset, total, t0 > 0)
+
+
+def _sweep(name: str, block_template, simd, lanes: int):
+    block = _variant(block_template, f"{name}_block", False, inline=True, SIMD=simd, LANES=lanes)
+    return _variant(_sweep_template, name, True, BLOCK=block, LANES=lanes)
 
 
 @functools.cache
@@ -254,36 +279,7 @@ def lookup_kernel(lanes: int):
     DRAM, the hardware prefetchers alone left the kernels far behind a plain read of the same bytes (4096 x
     4096, 2 threads: exact 0.18 ms, fast 0.17 ms, a torch sum of the 2 MiB 0.10 ms); with it, 0.12 and 0.11 ms.
     """
-    return _variant(_lookup_template, f"lookup_kernel_{lanes}", True, SIMD=_simd.ops(lanes), LANES=lanes)
-
-
-def _fast_template(tables, deltas, blocks, gates, s_out, bias, out, row_chunk):
-    m_count = tables.shape[0]
-    n = s_out.shape[1]
-    n_blocks = blocks.shape[0]
-    kbytes = blocks.shape[1] // LANES
-    ahead = blocks.shape[1]
-    for chunk in prange(-(-n_blocks // row_chunk)):
-        b0 = chunk * row_chunk
-        b1 = min(n_blocks, b0 + row_chunk)
-        for t0 in range(0, kbytes, K_TILE):
-            t1 = min(kbytes, t0 + K_TILE)
-            for m in range(m_count):
-                table = tables[m]
-                row = out[m]
-                for b in range(b0, b1):
-                    codes = blocks[b]
-                    total = SIMD.float_zeros()
-                    for s0 in range(t0, t1, GRID_BYTES):
-                        acc = SIMD.zeros()
-                        for j in range(s0, min(t1, s0 + GRID_BYTES)):
-                            _simd.prefetch(codes, LANES * j + ahead)
-                            acc = SIMD.lookup_add(acc, table, 32 * j, codes, LANES * j)
-                        total = SIMD.scaled_add(total, acc, deltas[m, s0 // GRID_BYTES])
-                    SIMD.store_sum(row, LANES * b, total, t0 > 0)
-        scale = np.empty(LANES * row_chunk, dtype=np.float32)
-        for m in range(m_count):
-            _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
+    return _sweep(f"lookup_kernel_{lanes}", _exact_block_template, _simd.ops(lanes), lanes)
 
 
 @functools.cache
@@ -291,31 +287,21 @@ def fast_kernel(lanes: int):
     """The fast-mode SIMD kernel for 64 (AVX-512BW) or 32 (AVX2) rows per block (compiled on first use, then
     cached on disk).
 
-    kernel(tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK)), blocks (Np / lanes, Kp / 8 * lanes)
-    uint8, gates (M, E), s_out (E, N), bias (N,), out (M, Np), row_chunk): blocks, chunks, tiles, epilogue and
-    prefetching as in `lookup_kernel`. Within a tile, the int8 lookups of each grid block (GRID_BYTES byte
-    columns) add up exactly in int16 and are scaled by the block's grid step into a float32 sum. Per K tile
-    (one grid block) the int8 lookups of a row block add up exactly in int16; the tile's sum times its grid
-    step is added to ``out`` in float32.
+    kernel((tables (M, Kp / 4 * 16) int8, deltas (M, ceil(Kp / FAST_BLOCK))), blocks (Np / lanes,
+    Kp / 8 * lanes) uint8, gates (M, E), s_out (E, N), bias (N,), out (M, Np), row_chunk): the sweep of
+    `lookup_kernel` (blocks, chunks, tiles, epilogue, prefetching) with the int8 block body: within a tile, the
+    lookups of each grid block (GRID_BYTES byte columns) add up exactly in int16 and are scaled by the block's
+    grid step into a float32 sum.
     """
-    return _variant(_fast_template, f"fast_kernel_{lanes}", True, SIMD=_simd.byte_ops(lanes), LANES=lanes)
+    return _sweep(f"fast_kernel_{lanes}", _fast_block_template, _simd.byte_ops(lanes), lanes)
 
 
-def _exact_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
+def _layer_template(x, router, s_in, s_out, bias, kp, codes, out):
     xs, gates = SCALES(x, router, s_in, kp)
     step = max(1, TABLE_BYTES // (16 * kp))
     for m0 in range(0, x.shape[0], step):
         m1 = min(x.shape[0], m0 + step)
         KERNEL(TABLES(xs[m0:m1]), codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
-
-
-def _fast_layer_template(x, router, s_in, s_out, bias, kp, codes, out):
-    xs, gates = SCALES(x, router, s_in, kp)
-    step = max(1, TABLE_BYTES // (16 * kp))
-    for m0 in range(0, x.shape[0], step):
-        m1 = min(x.shape[0], m0 + step)
-        tables, deltas = TABLES(xs[m0:m1])
-        KERNEL(tables, deltas, codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
 
 
 @functools.cache
@@ -330,14 +316,14 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
     chunks.
     """
     if fast:
-        template, tables = _fast_layer_template, fast_tables_serial if serial else fast_tables
+        tables = fast_tables_serial if serial else fast_tables
         kernel = portable_fast_kernel if lanes == 1 else fast_kernel(lanes)
     else:
-        template, tables = _exact_layer_template, exact_tables_serial if serial else exact_tables
+        tables = exact_tables_serial if serial else exact_tables
         kernel = portable_kernel if lanes == 1 else lookup_kernel(lanes)
     name = f"layer_{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
     row_chunk = ROW_CHUNKS["fast" if fast else "exact"][0 if serial else 1]
-    return _variant(template, name, False, SCALES=scales_serial if serial else scales, TABLES=tables,
+    return _variant(_layer_template, name, False, SCALES=scales_serial if serial else scales, TABLES=tables,
                     KERNEL=kernel, ROW_CHUNK=row_chunk)
 
 
@@ -370,9 +356,10 @@ def portable_kernel(tables, data, gates, s_out, bias, out, row_chunk):
 
 
 @njit(parallel=True, cache=True)
-def portable_fast_kernel(tables, deltas, data, gates, s_out, bias, out, row_chunk):
+def portable_fast_kernel(lookup, data, gates, s_out, bias, out, row_chunk):
     """Scalar int8 lookups on the format v1 bytes: data (N, Kp / 8) uint8, the rest as in `fast_kernel`
     (out (M, Np), only the first N columns written; ``row_chunk`` unused)."""
+    tables, deltas = lookup
     m_count = tables.shape[0]
     n, kbytes = data.shape
     for i in prange(n):
