@@ -1,11 +1,11 @@
 """What a user without mosbits runs, on the same shapes and batches as matmul.py."""
 
-from mosbits import benchmarking
-from mosbits.timing import synchronized
+from mosbits.perf import workloads
+from mosbits.perf.timing import synchronized
 
 from .matmul import DEVICE
 
-SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
+SHAPES = list(workloads.LLAMA_7B_SHAPES)
 
 
 class Dense:
@@ -19,7 +19,7 @@ class Dense:
     def setup(self, baseline, m, shape):
         if baseline == "numpy-fp32" and DEVICE != "cpu":
             raise NotImplementedError("NumPy runs on the CPU only")
-        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, DEVICE, include=(baseline,))
+        fns = workloads.dense_baselines(workloads.LLAMA_7B_SHAPES[shape], m, DEVICE, include=(baseline,))
         if baseline not in fns:
             raise NotImplementedError(f"{baseline}: library not installed")
         self.fn = synchronized(fns[baseline])
@@ -37,7 +37,7 @@ class Authors:
     timeout = 300
 
     def setup(self, m, shape, e, dtype):
-        self.fn = synchronized(benchmarking.authors_formulation(benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype,
+        self.fn = synchronized(workloads.authors_formulation(workloads.LLAMA_7B_SHAPES[shape], m, e, dtype,
                                                                 DEVICE))
         self.fn()
 
@@ -53,7 +53,7 @@ class DensePeakMemory:
     timeout = 300
 
     def setup(self, m, shape):
-        fns = benchmarking.dense_baselines(benchmarking.LLAMA_7B_SHAPES[shape], m, DEVICE, include=("torch-fp32",))
+        fns = workloads.dense_baselines(workloads.LLAMA_7B_SHAPES[shape], m, DEVICE, include=("torch-fp32",))
         if not fns:
             raise NotImplementedError("torch not installed")
         self.fn = synchronized(fns["torch-fp32"])

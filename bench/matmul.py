@@ -2,10 +2,11 @@
 
 import os
 
-from mosbits import benchmarking, dispatch
+from mosbits import dispatch
+from mosbits.perf import workloads
 
 BACKENDS = [name for name in dispatch.BACKENDS if name != "reference"]
-SHAPES = list(benchmarking.LLAMA_7B_SHAPES)
+SHAPES = list(workloads.LLAMA_7B_SHAPES)
 DEVICE = os.environ.get("MOSBITS_BENCH_DEVICE", "cpu")
 """Torch workloads run here; on a GPU machine: MOSBITS_BENCH_DEVICE=cuda asv run ..."""
 
@@ -15,8 +16,8 @@ def workload(backend, shape, m, e, dtype, resident="cache", precision="exact"):
     NotImplementedError (asv: skip) when the backend cannot run here, AssertionError when its output is
     wrong."""
     if dtype == "half":
-        dtype = benchmarking.half_dtype(benchmarking.half_library(backend), DEVICE)
-    work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, e, dtype, resident, DEVICE,
+        dtype = workloads.half_dtype(workloads.half_library(backend), DEVICE)
+    work = workloads.make_workload(backend, workloads.LLAMA_7B_SHAPES[shape], m, e, dtype, resident, DEVICE,
                                       precision=precision)
     ratio = work.gate()
     assert ratio <= 1, f"{backend} is wrong: max |y - ref| / tolerance = {ratio:.3g}; not timed"
@@ -62,7 +63,7 @@ class PeakMemory:
     timeout = 300
 
     def setup(self, backend, m, shape):
-        self.work = benchmarking.make_workload(backend, benchmarking.LLAMA_7B_SHAPES[shape], m, 4, "float32",
+        self.work = workloads.make_workload(backend, workloads.LLAMA_7B_SHAPES[shape], m, 4, "float32",
                                                device=DEVICE)
 
     def peakmem_matmul(self, *params):

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 
 import mosbits
-from mosbits import benchmarking, dispatch
+from mosbits import dispatch
 from mosbits.arrays import from_numpy
+from mosbits.perf import workloads
 
 SHAPES = ["4096x4096", "11008x4096"]
 
@@ -26,7 +27,7 @@ class Pack:
     def setup(self, library, shape):
         if library not in libraries():
             raise NotImplementedError(f"{library} not installed")
-        n, k = benchmarking.LLAMA_7B_SHAPES[shape]
+        n, k = workloads.LLAMA_7B_SHAPES[shape]
         w = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
         self.w = from_numpy(w, library)
         self.packed = mosbits.pack(self.w)
@@ -46,7 +47,7 @@ class SaveLoad:
     def setup(self):
         self.dir = tempfile.TemporaryDirectory()
         self.path = Path(self.dir.name) / "layer.safetensors"
-        layer = benchmarking.random_layer(np.random.default_rng(0), 11008, 4096, 4, "numpy", "float16")
+        layer = workloads.random_layer(np.random.default_rng(0), 11008, 4096, 4, "numpy", "float16")
         self.layers = {"model.layers.0.mlp.up_proj": layer}
         mosbits.save(self.path, self.layers)
 
@@ -63,14 +64,14 @@ class SaveLoad:
 class Bytes:
     """Bytes of one layer: packed (signs + fp16 experts + fp16 router) and dense fp16."""
 
-    params = (list(benchmarking.LLAMA_7B_SHAPES), [1, 4])
+    params = (list(workloads.LLAMA_7B_SHAPES), [1, 4])
     param_names = ["shape", "E"]
     unit = "bytes"
 
     def setup(self, shape, e):
-        n, k = benchmarking.LLAMA_7B_SHAPES[shape]
+        n, k = workloads.LLAMA_7B_SHAPES[shape]
         self.dense = 2 * n * k
-        self.packed = benchmarking.random_layer(np.random.default_rng(0), n, k, e, "numpy", "float16").nbytes
+        self.packed = workloads.random_layer(np.random.default_rng(0), n, k, e, "numpy", "float16").nbytes
 
     def track_packed_bytes(self, *params):
         return self.packed

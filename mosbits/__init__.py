@@ -1,9 +1,13 @@
 """mosbits: packed 1-bit weights with token-adaptive Mixture-of-Scales (BinaryMoS).
 
-``import mosbits`` imports NumPy and safetensors only; backends load their libraries when first used.
+``import mosbits`` imports NumPy and safetensors only; backends load their libraries when first used, and
+``mosbits.export`` (ONNX) is imported on first use.
 """
 
-from mosbits import backends, export, reference
+import importlib
+from typing import Any
+
+from mosbits import backends, reference
 from mosbits.api import matmul
 from mosbits.dispatch import BackendUnavailableError
 from mosbits.experts import Experts
@@ -32,3 +36,10 @@ __all__ = [
     "save",
     "unpack",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``mosbits.export`` on first use, so that ``import mosbits`` does not import the exporters."""
+    if name == "export":
+        return importlib.import_module("mosbits.export")
+    raise AttributeError(f"module 'mosbits' has no attribute {name!r}")

@@ -93,29 +93,33 @@ class Experts:
         )
 
 
-def rank1_abs_factors(w: np.ndarray, iterations: int = 500, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+def rank1_abs_factors(w: Any, iterations: int = 500, tol: float = 1e-12) -> tuple[Any, Any]:
     """Leading singular pair of |W| by power iteration, scaled as ``(sqrt(sigma) u, sqrt(sigma) v)``.
 
     |W| is entrywise nonnegative, so (Perron-Frobenius) its leading singular vectors can be taken nonnegative and
     the iteration from a positive start converges to them without a full SVD (which costs minutes at
-    11008 x 4096). It stops when the unit vector v moves by less than ``tol``.
+    11008 x 4096). It stops when the unit vector v moves by less than ``tol``. One implementation serves NumPy
+    arrays and torch tensors (the training adapter's, on their own device): it uses only operators both share.
 
     Args:
-        w: (N, K) float array.
+        w: (N, K) float array, NumPy or torch (any device; gradients are not tracked).
 
     Returns:
-        (s_out (N,), s_in (K,)) float64 with ``s_out[:, None] * s_in[None, :]`` the best rank-1 fit of |W|.
+        (s_out (N,), s_in (K,)) float64 arrays of w's library and device, with ``s_out[:, None] * s_in[None, :]``
+        the best rank-1 fit of |W|.
     """
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    v = np.full(a.shape[1], 1.0 / np.sqrt(a.shape[1]))
+    a = abs(w.detach().double()) if arrays.is_torch(w) else np.abs(np.asarray(w, dtype=np.float64))
+    tiny = np.finfo(np.float64).tiny
+    v = a[0] * 0 + a.shape[1] ** -0.5
+    u, sigma = a[:, 0] * 0, 0.0
     for _ in range(iterations):
         u = a @ v
-        u /= np.linalg.norm(u) or 1.0
+        u = u / max(float((u * u).sum()) ** 0.5, tiny)
         v_next = a.T @ u
-        sigma = float(np.linalg.norm(v_next))
-        v_next /= sigma or 1.0
-        moved, v = float(np.linalg.norm(v_next - v)), v_next
+        sigma = float((v_next * v_next).sum()) ** 0.5
+        v_next = v_next / max(sigma, tiny)
+        moved, v = float(((v_next - v) ** 2).sum()) ** 0.5, v_next
         if moved <= tol:
             break
-    root = np.sqrt(sigma)
+    root = sigma ** 0.5
     return root * u, root * v

@@ -1,6 +1,6 @@
 """Tolerances, layer cases and Hypothesis strategies shared by tests/ and bench/.
 
-How results are compared (ARCHITECTURE.md): against the float64 reference, per output element n of a token,
+How results are compared (docs/ARCHITECTURE.md): against the float64 reference, per output element n of a token,
 
     |y_n - ref_n| <= C * (sqrt(K) eps_acc + eps_f32 (E + sqrt(K) L)) * (sum_k |x_k| a_k * b_n + |bias_n|)
                      + eps_out * |ref_n| + tiny_out,    a = g @ |S_in|, b = g @ |S_out|

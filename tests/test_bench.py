@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from mosbits import benchmarking, dispatch
+from mosbits import dispatch
 from mosbits.cli import main
 from mosbits.format import row_bytes
+from mosbits.perf import workloads
 
 SMALL = ["bench", "--shapes", "40x70,17x33", "--batches", "1,9", "--repeats", "2", "--budget", "0",
          "--warmup", "0", "--backends", "reference"]
@@ -51,32 +52,32 @@ def test_bench_plot(tmp_path):
 
 @pytest.mark.parametrize("k", [1, 8, 33, 100])
 def test_random_layers_have_clean_padding(k):
-    layer = benchmarking.random_layer(np.random.default_rng(k), 5, k, 2, "numpy", "float32")
+    layer = workloads.random_layer(np.random.default_rng(k), 5, k, 2, "numpy", "float32")
     layer.packed.validate()
 
 
 def test_dram_residency_exceeds_twice_the_l3():
-    n, k = benchmarking.LLAMA_7B_SHAPES["4096x4096"]
-    count = benchmarking.layers_for("dram", n, k)
-    assert count * n * row_bytes(k) >= 2 * benchmarking.l3_bytes() >= 2 << 20
-    assert benchmarking.layers_for("cache", n, k) == 1
-    assert benchmarking.layers_for("dram", 1, 1) == benchmarking.MAX_DRAM_LAYERS
+    n, k = workloads.LLAMA_7B_SHAPES["4096x4096"]
+    count = workloads.layers_for("dram", n, k)
+    assert count * n * row_bytes(k) >= 2 * workloads.l3_bytes() >= 2 << 20
+    assert workloads.layers_for("cache", n, k) == 1
+    assert workloads.layers_for("dram", 1, 1) == workloads.MAX_DRAM_LAYERS
     with pytest.raises(ValueError, match="resident"):
-        benchmarking.layers_for("disk", n, k)
+        workloads.layers_for("disk", n, k)
 
 
 def test_workload_rotates_and_skips_what_it_cannot_run():
-    work = benchmarking.make_workload("reference", (9, 40), 3, 2, "float32", "dram")
+    work = workloads.make_workload("reference", (9, 40), 3, 2, "float32", "dram")
     assert len(work.layers) >= 2
     first, second = work(), work()
     assert not np.array_equal(first, second)
     assert work.gate() <= 1
     with pytest.raises(NotImplementedError, match="bfloat16"):
-        benchmarking.make_workload("reference", (9, 40), 3, 2, "bfloat16")
+        workloads.make_workload("reference", (9, 40), 3, 2, "bfloat16")
 
 
 def test_baselines_compute_the_same_product():
-    fns = benchmarking.dense_baselines((6, 10), 2, include=("numpy-fp32", "torch-fp32"))
+    fns = workloads.dense_baselines((6, 10), 2, include=("numpy-fp32", "torch-fp32"))
     if "torch" in dispatch.available():
         np.testing.assert_allclose(np.asarray(fns["torch-fp32"]()), fns["numpy-fp32"](), rtol=1e-6, atol=1e-6)
     assert fns["numpy-fp32"]().shape == (2, 6)

@@ -7,7 +7,7 @@ import pytest
 
 from mosbits import dispatch
 from mosbits.cli import main
-from mosbits.timing import median_time
+from mosbits.perf.timing import median_time
 
 SMALL = ["demo", "--n", "64", "--k", "100", "--batches", "1,3", "--repeats", "2"]
 

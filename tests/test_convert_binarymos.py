@@ -19,8 +19,8 @@ mh = pytest.importorskip("mosbits.hf")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from mosbits import convert_binarymos as command  # noqa: E402
-from mosbits.hf.binarymos import CheckpointError, convert_binarymos  # noqa: E402
+from mosbits.cli import convert as command  # noqa: E402
+from mosbits.hf.checkpoints import CheckpointError, convert_binarymos  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -123,7 +123,7 @@ def authors_model(config, tensors):
     for i in range(config["num_hidden_layers"]):
         for linear in LINEARS:
             module = f"model.layers.{i}.{linear}"
-            mh.convert.replace_module(model, module, AuthorsLinear(tensors, module))
+            mh.surgery.replace_module(model, module, AuthorsLinear(tensors, module))
     return model
 
 
@@ -379,7 +379,7 @@ def test_command(tmp_path, capsys):
 
 PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys
-    from mosbits.hf.binarymos import convert_binarymos
+    from mosbits.hf.checkpoints import convert_binarymos
 
     def status(key):
         with open("/proc/self/status") as f:

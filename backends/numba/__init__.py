@@ -138,24 +138,24 @@ def _float32(a: Any) -> np.ndarray:
 
 def matmul(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias, g = softmax(x @ router.T), x (..., K)."""
-    return PreparedLayer(packed, experts, router, bias, fast=False)(x)
+    return NumbaLayer(packed, experts, router, bias, fast=False)(x)
 
 
 def matmul_fast(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> Any:
     """`matmul` with int8 table lookups (``precision="fast"``, `mosbits.precision`), for every batch size."""
-    return PreparedLayer(packed, experts, router, bias, fast=True)(x)
+    return NumbaLayer(packed, experts, router, bias, fast=True)(x)
 
 
-def prepare(packed: Any, experts: Any, router: Any, bias: Any, precision: str) -> PreparedLayer:
+def prepare(packed: Any, experts: Any, router: Any, bias: Any, precision: str) -> NumbaLayer:
     """The layer converted once for many calls (`mosbits.prepared`)."""
-    return PreparedLayer(packed, experts, router, bias, fast=precision == "fast")
+    return NumbaLayer(packed, experts, router, bias, fast=precision == "fast")
 
 
 SERIAL_MAX_M = 2
 """Up to this many tokens, the scales and tables are computed without waking the thread pool."""
 
 
-class PreparedLayer:
+class NumbaLayer:
     """A layer's parameters as float32 NumPy arrays (views where they already are float32, else copies) and
     its codes; calling it with x (..., K) runs the layer. The instruction set and path are chosen per call."""
 
@@ -222,7 +222,7 @@ def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:
         out[:, n0:n0 + count] = xs @ tile[:count].T
 
 
-def _bf16_gemm(x: Any, layer: PreparedLayer) -> Any:
+def _bf16_gemm(x: Any, layer: NumbaLayer) -> Any:
     """y (M, N) bfloat16 = (bf16(x * s_in) @ B.T) * s_out + bias for x (M, K) bfloat16, in torch ops: B unpacked
     BF16_TILE_ROWS rows at a time as exact bfloat16 +-1 for torch's bfloat16 matmul, whose bfloat16 products are
     scaled in float32. Gates and scales in float32."""

@@ -15,12 +15,13 @@ unknown quantization method and would load random linear weights. `load` imports
 Needs torch and transformers (``pip install 'mosbits[hf]'``); ``import mosbits`` alone imports neither.
 """
 
-from mosbits.hf.binarymos import convert_binarymos
-from mosbits.hf.convert import binarize, pack
+from mosbits.hf.checkpoints import convert_binarymos
+from mosbits.hf.config import MoSConfig
 from mosbits.hf.distillation import DistillationTrainer, distill, distillation_loss
 from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplexity
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision
-from mosbits.hf.quantizer import MoSConfig, MoSHfQuantizer, check_packed, load, register
+from mosbits.hf.quantizer import MoSHfQuantizer, check_packed, load, register
+from mosbits.hf.surgery import binarize, pack
 
 register()
 

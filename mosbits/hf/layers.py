@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mosbits
+from mosbits.experts import rank1_abs_factors
 from mosbits.format import row_bytes
 
 
@@ -91,7 +92,7 @@ class MoSLinear(_MoSShape):
         """
         n, k = weight.shape
         layer = cls(k, n, num_experts, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        s_out, s_in = rank1_abs_factors(weight.detach())
+        s_out, s_in = (f.to(weight.dtype) for f in rank1_abs_factors(weight))
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.s_in.copy_(s_in.expand(num_experts, k))
@@ -191,35 +192,6 @@ def check_num_experts(num_experts: Any) -> None:
         raise TypeError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-
-
-def rank1_abs_factors(w: torch.Tensor, iterations: int = 500, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading singular pair of |W|, scaled as ``(sqrt(sigma) u, sqrt(sigma) v)``, in float64 on w's device.
-
-    The torch twin of `mosbits.experts.rank1_abs_factors`: power iteration from a positive start, which
-    converges to the nonnegative leading singular vectors of the nonnegative |W| (Perron-Frobenius); it stops
-    when the unit vector v moves by less than ``tol``.
-
-    Args:
-        w: (N, K) float tensor.
-
-    Returns:
-        (s_out (N,), s_in (K,)) in w's dtype, with ``s_out[:, None] * s_in[None, :]`` the best rank-1 fit of |W|.
-    """
-    a = w.detach().abs().double()
-    v = torch.full((a.shape[1],), a.shape[1] ** -0.5, dtype=torch.float64, device=a.device)
-    sigma = torch.zeros((), dtype=torch.float64, device=a.device)
-    for _ in range(iterations):
-        u = a @ v
-        u = u / u.norm().clamp_min(torch.finfo(torch.float64).tiny)
-        v_next = a.T @ u
-        sigma = v_next.norm()
-        v_next = v_next / sigma.clamp_min(torch.finfo(torch.float64).tiny)
-        moved, v = float((v_next - v).norm()), v_next
-        if moved <= tol:
-            break
-    root = sigma.sqrt()
-    return (root * u).to(w.dtype), (root * v).to(w.dtype)
 
 
 def set_precision(model: nn.Module, precision: str) -> int:

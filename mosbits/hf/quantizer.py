@@ -16,32 +16,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from mosbits.format import FORMAT_VERSION
-from mosbits.hf.convert import linear_shape, replace_module
-from mosbits.hf.layers import PackedMoSLinear, check_num_experts
-
-QUANT_METHOD = "mosbits"
-
-
-class MoSConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a packed model (serialised in config.json).
-
-    Attributes:
-        quant_method: ``"mosbits"``.
-        format_version: the packed format version of the signs (docs/FORMAT.md).
-        num_experts: E of every packed layer.
-        modules: full names of the modules that are `PackedMoSLinear` (in the checkpoint and after loading).
-    """
-
-    def __init__(self, num_experts: int = 4, modules: list[str] | None = None, format_version: str = FORMAT_VERSION,
-                 **kwargs: Any) -> None:
-        check_num_experts(num_experts)
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.num_experts = num_experts
-        self.modules = list(modules or [])
+from mosbits.hf.config import QUANT_METHOD, MoSConfig
+from mosbits.hf.layers import PackedMoSLinear
+from mosbits.hf.surgery import linear_shape, replace_module
 
 
 class MoSHfQuantizer(HfQuantizer):

@@ -3,13 +3,14 @@
 `mosbits.export.onnx(model, path)` lands here. The model is traced by torch's TorchScript exporter
 (``torch.onnx.export(..., dynamo=False)``: deprecated by torch since 2.9 but present, and it needs no package beyond
 onnx; the dynamo exporter needs onnxscript). For the trace only, each `PackedMoSLinear` is swapped for an
-`OnnxMoSLinear` that holds the same tensors under the same names and computes docs/FORMAT.md section 4 with
-operators the exporter maps to standard ONNX ones:
+`OnnxMoSLinear` that holds the same tensors under the same names and computes docs/FORMAT.md section 4:
 
-    bits  = BitwiseAnd(BitShift(signs[:, :, None], [0..7], RIGHT), 1)    # (N, RB, 8) uint8
-    B     = Cast(Slice(Reshape(bits, (N, 8 RB)), :K), float32) * 2 - 1   # (N, K) +1 / -1
+    B     = UnpackSigns(signs)                                           # (N, K) float32 +1 / -1
     g     = Softmax(x @ router.T)                                        # float32, no rounding in between
     y     = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias                # then Cast to the layer's dtype
+
+``UnpackSigns`` is traced as one placeholder node, which is then replaced by the standard operators of
+`mosbits.export.layers.sign_matrix_nodes`, the same decoder as the single-layer export's.
 
 Constant folding is off, so the file holds the uint8 signs (N, 4 * ceil(K / 32)) as initializers and no dense
 matrix; onnxruntime folds the unpacking into dense float32 signs at session start (N * K * 4 bytes per layer in
@@ -34,13 +35,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mosbits.format import FORMAT_VERSION
-from mosbits.hf.convert import replace_module
+import mosbits
+from mosbits.export.layers import OPSET, sign_matrix_nodes
+from mosbits.format import FORMAT_VERSION, PackedSigns
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear
+from mosbits.hf.surgery import replace_module
 from mosbits.io import FORMAT_KEY
 
-OPSET = 18
-"""BitwiseAnd needs opset 18."""
+PLACEHOLDER_DOMAIN = "mosbits"
+PLACEHOLDER_OP = "UnpackSigns"
 WRAPPER = "lm"
 """Attribute of `CausalLMLogits` that holds the model; stripped from initializer names."""
 
@@ -86,11 +89,13 @@ def export_causal_lm(model: nn.Module, path: str | os.PathLike, metadata: dict[s
                               input_names=["input_ids", "attention_mask"], output_names=["logits"],
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
                                             "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                              opset_version=OPSET, do_constant_folding=False)
+                              opset_version=OPSET, do_constant_folding=False,
+                              custom_opsets={PLACEHOLDER_DOMAIN: 1})
         finally:
             model.train(training)
     proto = onnx.load_from_string(buffer.getvalue())
     strip_prefix(proto.graph, f"{WRAPPER}.")
+    expand_placeholders(proto)
     helper.set_model_props(proto, metadata or {})
     onnx.checker.check_model(proto, full_check=True)
     onnx.save_model(proto, os.fspath(path))
@@ -129,17 +134,44 @@ class OnnxMoSLinear(nn.Module):
         else:
             gates = torch.softmax(x32 @ self.router.float().T, dim=-1)
             s_in, s_out = gates @ self.s_in.float(), gates @ self.s_out.float()
-        y = ((x32 * s_in) @ unpack_signs(self.signs, self.in_features).T) * s_out
+        y = ((x32 * s_in) @ UnpackSigns.apply(self.signs, self.in_features).T) * s_out
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(dtype).to(x.dtype)
 
 
-def unpack_signs(signs: torch.Tensor, k: int) -> torch.Tensor:
-    """uint8 (N, 4 * ceil(K / 32)) format-v1 signs -> float32 (N, K) of +1 / -1, with shifts and masks only."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
-    bits = (signs.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(signs.shape[0], -1)[:, :k].to(torch.float32) * 2 - 1
+class UnpackSigns(torch.autograd.Function):
+    """uint8 (N, 4 * ceil(K / 32)) format-v1 signs -> float32 (N, K) of +1 / -1 (`mosbits.unpack`); exported as
+    one ``mosbits::UnpackSigns`` node that `expand_placeholders` replaces by standard operators."""
+
+    @staticmethod
+    def forward(ctx: Any, signs: torch.Tensor, k: int) -> torch.Tensor:
+        return mosbits.unpack(PackedSigns(signs, (signs.shape[0], k)), torch.float32)
+
+    @staticmethod
+    def symbolic(g: Any, signs: Any, k: int) -> Any:
+        return g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", signs, k_i=k)
+
+
+def expand_placeholders(proto: Any) -> None:
+    """Replace each ``mosbits::UnpackSigns`` node of ``proto`` by `sign_matrix_nodes` (in place, keeping the
+    topological order) and drop the placeholder's opset."""
+    from onnx import helper
+
+    nodes = []
+    for i, node in enumerate(proto.graph.node):
+        if node.domain != PLACEHOLDER_DOMAIN:
+            nodes.append(node)
+            continue
+        k = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "k")
+        decoded, inits = sign_matrix_nodes(f"unpack_signs_{i}.", node.input[0], node.output[0], k)
+        nodes += decoded
+        proto.graph.initializer.extend(inits)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    kept = [o for o in proto.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.report import Progress, format_table
+from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "binarize, distil, pack and save a Hugging Face causal LM (default: SmolLM2-135M)"
 PROGRESS = Progress()

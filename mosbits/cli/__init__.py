@@ -10,14 +10,15 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from mosbits import __version__, bench, binarize, convert_binarymos, demo, inspection
+from mosbits import __version__
+from mosbits.cli import bench, binarize, convert, demo, inspect
 
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "bench": bench,
-    "inspect": inspection,
+    "inspect": inspect,
     "binarize": binarize,
-    "convert-binarymos": convert_binarymos,
+    "convert-binarymos": convert,
 }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from mosbits import arrays
 from mosbits.format import FORMAT_VERSION
 from mosbits.io import FormatError, MoSLinearWeights, load
-from mosbits.report import format_table
+from mosbits.perf.tables import format_table
 
 SUMMARY = "list and validate the layers of a mosbits file"
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from mosbits.hf.config import MoSConfig
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -108,8 +109,6 @@ def pack(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model holds no MoSLinear.
     """
-    from mosbits.hf.quantizer import MoSConfig
-
     names = [name for name, m in model.named_modules() if isinstance(m, MoSLinear)]
     if not names:
         raise ValueError(f"{type(model).__name__} holds no MoSLinear to pack: call mosbits.hf.binarize first")

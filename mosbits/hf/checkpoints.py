@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mosbits
 from mosbits.format import row_bytes
-from mosbits.hf.quantizer import MoSConfig
+from mosbits.hf.config import MoSConfig
 
 SOURCE_TENSORS = ("weight", "in_channel_scale", "out_channel_scale", "gate_linear.weight")
 """Required tensors of a binarized module in the authors' layout; ``bias`` is optional."""

@@ -18,7 +18,7 @@ from mosbits import arrays, dispatch, testing
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, padding_mask, row_bytes
 from mosbits.io import MoSLinearWeights
-from mosbits.timing import median_time, synchronized
+from mosbits.perf.timing import median_time, synchronized
 
 LLAMA_7B_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
 """LLaMA-7B's linear layers as N x K (out x in): q/k/v/o, gate/up, down."""
@@ -260,7 +260,7 @@ def read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 
     if device.startswith("cuda"):
         import torch
 
-        from mosbits.timing import cuda_median_time
+        from mosbits.perf.timing import cuda_median_time
 
         a = torch.ones(nbytes // 4, device=device)
         return nbytes / cuda_median_time(a.sum, repeats), f"torch sum of {nbytes >> 20} MiB float32 on {device}"

@@ -1,4 +1,4 @@
-"""Export packed BinaryMoS layers to ONNX, for runtimes that have no mosbits kernel (onnxruntime, ...).
+"""ONNX graphs of packed layers, and the one ONNX decoder of the format-v1 bit layout (`sign_matrix_nodes`).
 
 The graph keeps the signs packed: its initializers are the format-v1 bytes (uint8 (N, 4 * ceil(K / 32)), see
 docs/FORMAT.md) and the float parameters in their own dtype, and standard operators (opset 18) rebuild the layer::
@@ -11,60 +11,32 @@ docs/FORMAT.md) and the float parameters in their own dtype, and standard operat
 Everything after the initializers runs in float32 (fp16 / bf16 parameters are widened by a Cast, exactly). The
 file stays packed, but a runtime that folds constants (onnxruntime does, by default) builds the dense (N, K) float32
 signs in memory at session start: N * K * 4 bytes, and a few times that at the peak.
-
-A whole Hugging Face causal LM packed by `mosbits.hf.pack` exports too: ``onnx(model, path)`` traces it with torch's
-exporter, each packed layer rebuilt by the same operators (`mosbits.hf.onnx_export`; needs torch and transformers).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from mosbits import arrays
-from mosbits.format import FORMAT_VERSION, row_bytes
+from mosbits.format import FORMAT_VERSION
 from mosbits.io import FORMAT_KEY, MoSLinearWeights
 
 OPSET = 18
 """BitwiseAnd needs opset 18; the model declares the IR version that opset requires (8), for older runtimes."""
 
 
-def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights] | Any, path: str | os.PathLike) -> Any:
-    """Write layers, or a packed Hugging Face model, as one ONNX model.
+def export_layers(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights], path: str | os.PathLike) -> Any:
+    """Write one layer, or name -> layer, as one ONNX model (see `mosbits.export.onnx`); return the checked
+    ``onnx.ModelProto``."""
+    import onnx as onnx_lib
+    from onnx import helper
 
-    Args:
-        layers: one layer, or name -> layer (NumPy or torch arrays on any device; float16, bfloat16 or float32);
-            or a transformers causal LM (``torch.nn.Module``) whose linear layers `mosbits.hf.pack` replaced:
-            see `mosbits.hf.onnx_export` for its graph (inputs ``input_ids`` and ``attention_mask``, output
-            ``logits``).
-        path: the ``.onnx`` file to write. The model is one protobuf, so the layers together must stay under 2 GiB.
-
-    Returns:
-        The ``onnx.ModelProto`` written, checked by ``onnx.checker``. A single layer has input ``x``
-        (batch, K) float32 and output ``y`` (batch, N) float32; for a mapping, layer ``name`` has its own input
-        ``<name>.x`` and output ``<name>.y``, and its tensors are named ``<name>.<tensor>``. The batch dimension
-        is dynamic. Model metadata holds ``mosbits.format`` and, per layer, ``<name>.shape`` (``shape`` for a
-        single layer) = ``"N,K"``.
-
-    Raises:
-        ImportError: onnx is not installed (``pip install 'mosbits[onnx]'``).
-        TypeError / ValueError: ``layers`` is not a layer or a non-empty mapping of layers; or a model that holds
-            no packed layer.
-    """
-    try:
-        import onnx as onnx_lib
-        from onnx import helper
-    except ImportError as err:
-        raise ImportError("mosbits.export.onnx needs the onnx package: pip install 'mosbits[onnx]'") from err
-    if _is_torch_module(layers):
-        from mosbits.hf.onnx_export import export_model
-
-        return export_model(layers, path)
     from mosbits import __version__
+
     named = _named_layers(layers)
     nodes, initializers, inputs, outputs = [], [], [], []
     metadata = {FORMAT_KEY: FORMAT_VERSION}
@@ -87,12 +59,6 @@ def onnx(layers: MoSLinearWeights | Mapping[str, MoSLinearWeights] | Any, path: 
     return model
 
 
-def _is_torch_module(obj: Any) -> bool:
-    """True when ``obj`` is a ``torch.nn.Module`` (without importing torch)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
-
-
 def _named_layers(layers: Any) -> dict[str | None, MoSLinearWeights]:
     """{None: layer} for one layer, else the mapping, checked."""
     if isinstance(layers, MoSLinearWeights):
@@ -112,33 +78,11 @@ def _layer_graph(p: str, layer: MoSLinearWeights) -> tuple[list[Any], list[Any]]
     """Nodes and initializers of one layer, every name prefixed by ``p``: input ``{p}x``, output ``{p}y``."""
     from onnx import TensorProto, helper
 
-    n, k = layer.packed.shape
-    rb = row_bytes(k)
-    inits = [
-        _initializer(f"{p}signs", layer.packed.data),
-        _initializer(f"{p}bit_shifts", np.arange(8, dtype=np.uint8)),
-        _initializer(f"{p}bit_mask", np.array(1, dtype=np.uint8)),
-        _initializer(f"{p}unsqueeze_axes", np.array([2], dtype=np.int64)),
-        _initializer(f"{p}bits_shape", np.array([n, 8 * rb], dtype=np.int64)),
-        _initializer(f"{p}slice_starts", np.array([0], dtype=np.int64)),
-        _initializer(f"{p}slice_ends", np.array([k], dtype=np.int64)),
-        _initializer(f"{p}slice_axes", np.array([1], dtype=np.int64)),
-        _initializer(f"{p}two", np.array(2.0, dtype=np.float32)),
-        _initializer(f"{p}one", np.array(1.0, dtype=np.float32)),
-    ]
+    k = layer.packed.shape[1]
     node = helper.make_node
-    nodes = [
-        node("Unsqueeze", [f"{p}signs", f"{p}unsqueeze_axes"], [f"{p}bytes"]),           # (N, RB, 1)
-        node("BitShift", [f"{p}bytes", f"{p}bit_shifts"], [f"{p}shifted"], direction="RIGHT"),  # (N, RB, 8)
-        node("BitwiseAnd", [f"{p}shifted", f"{p}bit_mask"], [f"{p}bits"]),                # (N, RB, 8)
-        node("Reshape", [f"{p}bits", f"{p}bits_shape"], [f"{p}bit_rows"]),                # (N, 8 RB)
-        node("Slice", [f"{p}bit_rows", f"{p}slice_starts", f"{p}slice_ends", f"{p}slice_axes"],
-             [f"{p}bit_matrix"]),                                                           # (N, K)
-        node("Cast", [f"{p}bit_matrix"], [f"{p}bit_float"], to=TensorProto.FLOAT),
-        node("Mul", [f"{p}bit_float", f"{p}two"], [f"{p}bit_double"]),
-        node("Sub", [f"{p}bit_double", f"{p}one"], [f"{p}sign_matrix"]),                 # (N, K) +1 / -1
-        node("Transpose", [f"{p}sign_matrix"], [f"{p}signs_t"], perm=[1, 0]),            # (K, N)
-    ]
+    nodes, inits = sign_matrix_nodes(p, f"{p}signs", f"{p}sign_matrix", k)
+    inits.insert(0, _initializer(f"{p}signs", layer.packed.data))
+    nodes.append(node("Transpose", [f"{p}sign_matrix"], [f"{p}signs_t"], perm=[1, 0]))  # (K, N)
     params = {"router": layer.router, "s_in": layer.experts.s_in, "s_out": layer.experts.s_out}
     if layer.bias is not None:
         params["bias"] = layer.bias
@@ -161,6 +105,39 @@ def _layer_graph(p: str, layer: MoSLinearWeights) -> tuple[list[Any], list[Any]]
                   node("Add", [f"{p}scaled", f32["bias"]], [f"{p}y"])]
     else:
         nodes.append(node("Mul", [f"{p}product", f"{p}token_s_out"], [f"{p}y"]))
+    return nodes, inits
+
+
+def sign_matrix_nodes(p: str, signs: str, out: str, k: int) -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers (names prefixed by ``p``) that decode the format-v1 bytes named ``signs``, uint8
+    (N, 4 * ceil(K / 32)), into ``out``, float32 (N, K) of +1 / -1, with shifts and masks only (opset 18). The
+    only ONNX decoder of the bit layout: the layer graphs here and the model export (`mosbits.export.model`) use it.
+    """
+    from onnx import TensorProto, helper
+
+    inits = [
+        _initializer(f"{p}bit_shifts", np.arange(8, dtype=np.uint8)),
+        _initializer(f"{p}bit_mask", np.array(1, dtype=np.uint8)),
+        _initializer(f"{p}unsqueeze_axes", np.array([2], dtype=np.int64)),
+        _initializer(f"{p}bits_shape", np.array([0, -1], dtype=np.int64)),
+        _initializer(f"{p}slice_starts", np.array([0], dtype=np.int64)),
+        _initializer(f"{p}slice_ends", np.array([k], dtype=np.int64)),
+        _initializer(f"{p}slice_axes", np.array([1], dtype=np.int64)),
+        _initializer(f"{p}two", np.array(2.0, dtype=np.float32)),
+        _initializer(f"{p}one", np.array(1.0, dtype=np.float32)),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Unsqueeze", [signs, f"{p}unsqueeze_axes"], [f"{p}bytes"]),                  # (N, RB, 1)
+        node("BitShift", [f"{p}bytes", f"{p}bit_shifts"], [f"{p}shifted"], direction="RIGHT"),  # (N, RB, 8)
+        node("BitwiseAnd", [f"{p}shifted", f"{p}bit_mask"], [f"{p}bits"]),                # (N, RB, 8)
+        node("Reshape", [f"{p}bits", f"{p}bits_shape"], [f"{p}bit_rows"]),                # (N, 8 RB)
+        node("Slice", [f"{p}bit_rows", f"{p}slice_starts", f"{p}slice_ends", f"{p}slice_axes"],
+             [f"{p}bit_matrix"]),                                                           # (N, K)
+        node("Cast", [f"{p}bit_matrix"], [f"{p}bit_float"], to=TensorProto.FLOAT),
+        node("Mul", [f"{p}bit_float", f"{p}two"], [f"{p}bit_double"]),
+        node("Sub", [f"{p}bit_double", f"{p}one"], [out]),                                # (N, K) +1 / -1
+    ]
     return nodes, inits
 
 

@@ -25,9 +25,10 @@ import platform
 import sys
 from typing import Any
 
-from mosbits import __version__, benchmarking, dispatch, precision
-from mosbits.report import Progress, format_table
-from mosbits.timing import cuda_median_time, median_time
+from mosbits import __version__, dispatch, precision
+from mosbits.perf import workloads
+from mosbits.perf.tables import Progress, format_table
+from mosbits.perf.timing import cuda_median_time, median_time
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SUMMARY = "time every backend against dense baselines on LLaMA-7B shapes"
@@ -53,7 +54,7 @@ class Row:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_backends = [b for b in dispatch.available() if b != "reference"]
-    parser.add_argument("--shapes", default=",".join(benchmarking.LLAMA_7B_SHAPES),
+    parser.add_argument("--shapes", default=",".join(workloads.LLAMA_7B_SHAPES),
                         help="comma-separated N x K shapes (default: LLaMA-7B's three)")
     parser.add_argument("--batches", default="1,16,512", help="comma-separated batch sizes M (default: 1,16,512)")
     parser.add_argument("--backends", default=",".join(default_backends),
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the comparison; 1 when a backend failed its correctness gate, 0 otherwise."""
     try:
-        shapes = {s: benchmarking.parse_shape(s) for s in args.shapes.split(",")}
+        shapes = {s: workloads.parse_shape(s) for s in args.shapes.split(",")}
         batches = [int(b) for b in args.batches.split(",")]
         backends = [b for b in args.backends.split(",") if b]
         for name in backends:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     progress = Progress()
     progress.show("bench: measuring memory read bandwidth ...")
-    bandwidth, how = benchmarking.read_bandwidth(args.device)
+    bandwidth, how = workloads.read_bandwidth(args.device)
     residents = ("cache", "dram") if args.resident == "both" else (args.resident,)
     runs = sum(p in dispatch.spec(b).precisions for b in backends for p in args.precision_list)
     impls_per_m = len(DENSE[args.device.split(":")[0]]) + 1 + runs * len(residents)
@@ -162,20 +163,20 @@ def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], res
         return median_time(fn, args.repeats, budget=args.budget, warmup_time=args.warmup)
 
     dense = DENSE[args.device.split(":")[0]]
-    for name, fn in benchmarking.dense_baselines(shape, m, args.device, include=dense).items():
+    for name, fn in workloads.dense_baselines(shape, m, args.device, include=dense).items():
         progress.step(f"{label} M={m}: dense {name}")
         rows.append(Row(label, m, f"dense {name}", "dense", DTYPE_NAMES[name.split("-")[1]], timed(fn)))
-    half = benchmarking.half_dtype("torch", args.device)
+    half = workloads.half_dtype("torch", args.device)
     authors_dtype = "float32" if args.dtype == "float32" else half
     progress.step(f"{label} M={m}: authors' formulation")
     try:
-        fn = benchmarking.authors_formulation(shape, m, args.experts, authors_dtype, args.device)
+        fn = workloads.authors_formulation(shape, m, args.experts, authors_dtype, args.device)
         rows.append(Row(label, m, "authors (sign every call)", "authors", authors_dtype, timed(fn)))
     except NotImplementedError as err:
         rows.append(Row(label, m, "authors (sign every call)", "authors", authors_dtype, None, check=str(err)))
     for backend in backends:
-        library = benchmarking.half_library(backend)
-        dtype = "float32" if args.dtype == "float32" else benchmarking.half_dtype(library, args.device)
+        library = workloads.half_library(backend)
+        dtype = "float32" if args.dtype == "float32" else workloads.half_dtype(library, args.device)
         for prec in [p for p in args.precision_list if p in dispatch.spec(backend).precisions]:
             for resident in residents:
                 progress.step(f"{label} M={m}: {backend} {prec} ({resident}), checking")
@@ -188,7 +189,7 @@ def measure_backend(label: str, shape: tuple[int, int], m: int, backend: str, dt
     """A backend's row: skipped, WRONG (not timed), or ok and timed (fast rows also report their NMSE)."""
     impl = f"mosbits {backend}{' fast' if prec == 'fast' else ''} ({resident})"
     try:
-        work = benchmarking.make_workload(backend, shape, m, args.experts, dtype, resident, args.device,
+        work = workloads.make_workload(backend, shape, m, args.experts, dtype, resident, args.device,
                                           precision=prec)
     except NotImplementedError as err:
         return Row(label, m, impl, "mosbits", dtype, None, check=f"skipped: {err}")

@@ -21,8 +21,8 @@ from mosbits import __version__, arrays, dispatch, testing
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, pack
 from mosbits.io import MoSLinearWeights
-from mosbits.report import Progress, format_table
-from mosbits.timing import median_time, synchronized
+from mosbits.perf.tables import Progress, format_table
+from mosbits.perf.timing import median_time, synchronized
 
 SUMMARY = "check and time every backend on one random BinaryMoS layer"
 PROGRESS = Progress()

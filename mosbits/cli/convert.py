@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"mosbits convert-binarymos needs {' and '.join(missing)}: pip install 'mosbits[hf]'", file=sys.stderr)
         return 1
-    from mosbits.hf.binarymos import convert_binarymos
+    from mosbits.hf.checkpoints import convert_binarymos
 
     try:
         result = convert_binarymos(args.src, args.out)
