@@ -6,8 +6,11 @@ which matters at batch 1, where a layer takes about 0.1 ms. `prepare` does that 
     layer = mosbits.prepare(packed, experts, router, bias, backend="numba")
     y = layer(x)            # checks only x
 
-Backends may convert the parameters at preparation (the numba backend keeps float32 copies of half-precision
-ones): prepare again after changing the layer's weights.
+Backends derive what they need at preparation (the numba backend: float32 copies of half-precision parameters
+and its row-block layout of the signs, about 0.25 ms at 4096 x 4096 here) and keep it in the prepared layer
+only, never in a cache keyed on the arrays: a plain ``mosbits.matmul`` derives it anew on every call, so it always
+sees the arrays as they are, and a prepared layer sees them as they were when prepared. Prepare again after
+changing the layer's weights (`mosbits.hf.PackedMoSLinear` does so by itself).
 """
 
 from __future__ import annotations

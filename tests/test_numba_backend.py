@@ -4,7 +4,6 @@ exact cases and its NMSE target, the forcing rules, the derived layout, and the 
 gradients."""
 
 import dataclasses
-import gc
 
 import numpy as np
 import pytest
@@ -207,14 +206,3 @@ def test_row_blocks_transpose_bytes_within_blocks(lanes):
         for j in range(12):
             assert blocks[n // lanes, lanes * j + n % lanes] == data[n, j]
     assert not blocks.reshape(-1, 12, lanes).transpose(0, 2, 1).reshape(-1, 12)[21:].any()
-
-
-def test_row_blocks_are_cached_per_packed_object():
-    packed = mosbits.pack(np.random.default_rng(0).standard_normal((20, 40)).astype(np.float32))
-    first = layout.cached_row_blocks(packed.data, packed.data, 16)
-    assert layout.cached_row_blocks(packed.data, packed.data, 16) is first
-    assert layout.cached_row_blocks(packed.data, packed.data, 8) is not first
-    count = len(layout._cache)
-    del packed, first
-    gc.collect()
-    assert len(layout._cache) == count - 2

@@ -161,13 +161,13 @@ class NumbaLayer:
 
     def __init__(self, packed: Any, experts: Any, router: Any, bias: Any, fast: bool) -> None:
         self.n, self.k = packed.shape
-        self.owner = packed.data
         self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
         self.bias = np.zeros(self.n, np.float32) if bias is None else _float32(bias)
         self.fast = fast
         self.kp = 8 * row_bytes(self.k)
         self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any]] = {}
+        self._blocks: dict[int, np.ndarray] = {}
 
     def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any]:
         """(Np, codes, compiled layer kernel) of the lookup path on ``isa``, kept per layer: at batch 1 the
@@ -176,9 +176,16 @@ class NumbaLayer:
         if found is None:
             lanes = (FAST_LANES if self.fast else LANES)[isa]
             np_ = -(-self.n // lanes) * lanes
-            codes = self.data if lanes == 1 else layout.cached_row_blocks(self.owner, self.data, lanes)
+            codes = self.data if lanes == 1 else self._row_blocks(lanes)
             found = (np_, codes, _kernels.layer_kernel(self.fast, lanes, serial))
             self._lookups[(isa, serial)] = found
+        return found
+
+    def _row_blocks(self, lanes: int) -> np.ndarray:
+        """`layout.row_blocks` of this layer's signs, derived once per lane width and kept by this layer only."""
+        found = self._blocks.get(lanes)
+        if found is None:
+            found = self._blocks[lanes] = layout.row_blocks(self.data, lanes)
         return found
 
     def __call__(self, x: Any) -> Any:

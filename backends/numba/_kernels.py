@@ -411,3 +411,19 @@ def scale_rows(out, gates, s_out, bias):
     m_count, n = out.shape
     for m in prange(m_count):
         _finish_rows(out[m], gates[m], s_out, bias, 0, n, np.empty(n, dtype=np.float32))
+
+
+@njit(parallel=True, cache=True)
+def row_blocks(data, lanes, out):
+    """out (Np / lanes, Kp / 8 * lanes) uint8 = the row blocks of data (N, Kp / 8) uint8 (`layout.row_blocks`):
+    ``out[b, lanes * j + r] = data[lanes * b + r, j]``, zero for rows past N."""
+    n, kbytes = data.shape
+    for b in prange(out.shape[0]):
+        for r in range(lanes):
+            row = lanes * b + r
+            if row < n:
+                for j in range(kbytes):
+                    out[b, lanes * j + r] = data[row, j]
+            else:
+                for j in range(kbytes):
+                    out[b, lanes * j + r] = 0

@@ -1,39 +1,23 @@
-"""The lookup kernels' weight layout, derived from format v1 once per packed weight and cached in memory.
+"""The lookup kernels' weight layout, derived from format v1 when a layer is prepared and kept by that layer.
 
 Row block b holds rows ``lanes * b .. lanes * b + lanes - 1`` (zero rows past N) and is stored byte column by
 byte column: ``blocks[b, lanes * j + r] = data[lanes * b + r, j]``. It is the same bytes as the packed signs
 (plus up to lanes - 1 padding rows), transposed within each block, so one vector load gives the 4-bit codes of
-``lanes`` rows for two groups of inputs. It is never written to disk.
+``lanes`` rows for two groups of inputs. It is never written to disk, and never cached beyond the
+`mosbits.backends.numba.NumbaLayer` that derived it: a layer whose signs change is prepared again (as
+``PackedMoSLinear`` does when its buffers change), so no layout can outlive the bits it came from.
 """
 
 from __future__ import annotations
 
-import weakref
-from typing import Any
-
 import numpy as np
 
-_cache: dict[tuple[int, int], tuple[weakref.ref, np.ndarray]] = {}
+from mosbits.backends.numba import _kernels
 
 
 def row_blocks(data: np.ndarray, lanes: int) -> np.ndarray:
     """(Np / lanes, Kp / 8 * lanes) uint8 blocks of ``data`` (N, Kp / 8) uint8, Np = lanes * ceil(N / lanes)."""
     n, kbytes = data.shape
-    padded = np.zeros((-(-n // lanes) * lanes, kbytes), dtype=np.uint8)
-    padded[:n] = data
-    blocks = padded.reshape(-1, lanes, kbytes).transpose(0, 2, 1)
-    return np.ascontiguousarray(blocks).reshape(-1, kbytes * lanes)
-
-
-def cached_row_blocks(owner: Any, data: np.ndarray, lanes: int) -> np.ndarray:
-    """`row_blocks`, computed once per ``owner`` (the packed data object, NumPy or torch) and lane width.
-
-    The entry lives as long as ``owner``; packed data is treated as immutable, as PackedSigns is frozen.
-    """
-    key = (id(owner), lanes)
-    entry = _cache.get(key)
-    if entry is not None and entry[0]() is owner:
-        return entry[1]
-    blocks = row_blocks(data, lanes)
-    _cache[key] = (weakref.ref(owner, lambda _, key=key: _cache.pop(key, None)), blocks)
+    blocks = np.empty((-(-n // lanes), kbytes * lanes), dtype=np.uint8)
+    _kernels.row_blocks(np.ascontiguousarray(data), lanes, blocks)
     return blocks

@@ -199,8 +199,9 @@ def measure_batch(x: np.ndarray, w: np.ndarray, layers: dict[str, MoSLinearWeigh
 
 def measure(name: str, x: np.ndarray, y64: np.ndarray, layers: dict[str, MoSLinearWeights], repeats: int,
             dense_seconds: float) -> Result:
-    """One backend on x (M, K) float32 against y64 (M, N), on the first array kind it supports; timed only
-    when its output is within tolerance."""
+    """One backend on x (M, K) float32 against y64 (M, N), on the first array kind it supports, through the
+    layer prepared once (`mosbits.prepare`, as a model calls its layers); timed only when its output is within
+    tolerance."""
     m = x.shape[0]
     module = dispatch.load(name)
     kind, reasons = None, []
@@ -217,11 +218,12 @@ def measure(name: str, x: np.ndarray, y64: np.ndarray, layers: dict[str, MoSLine
     ref = layers["numpy"]
     tol = testing.tolerance(x, ref.experts, ref.router, None, y64, out_dtype="float32",
                             product_dtype=module.product_dtype("float32"))
-    ratio = testing.error_ratio(layer(xk, backend=name), y64, tol)
+    prepared = layer.prepare(name)
+    ratio = testing.error_ratio(prepared(xk), y64, tol)
     if ratio > 1:
         return Result(m, name, kind, ratio, None, dense_seconds)
     PROGRESS.show(f"demo: timing {name} at M={m} ...")
-    seconds = median_time(synchronized(lambda: layer(xk, backend=name)), repeats)
+    seconds = median_time(synchronized(lambda: prepared(xk)), repeats)
     return Result(m, name, kind, ratio, seconds, dense_seconds)
 
 

@@ -170,7 +170,10 @@ class PackedMoSLinear(_MoSShape):
 
     def prepared(self) -> mosbits.PreparedLayer:
         """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when a
-        buffer is replaced, moved or changed in place (tracked by identity and torch's version counter)."""
+        buffer is replaced, moved or changed in place (tracked by identity and torch's version counter: the
+        cached layer holds the old tensors, so an identity is never reused while it is cached). Writes that
+        torch does not count (through ``buffer.data`` or a NumPy view of a buffer) are not seen: change
+        buffers with in-place torch ops, ``load_state_dict`` or assignment."""
         buffers = (self.signs, self.s_in, self.s_out, self.router, self.bias)
         key = (self.precision, *((id(t), t._version) if t is not None else None for t in buffers))
         cached = self.__dict__.get("_prepared")
