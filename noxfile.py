@@ -15,7 +15,7 @@ nox.options.reuse_venv = "yes"
 BACKEND_EXTRAS = {
     "reference": "test",
     "numba": "test,numba,torch",
-    "torch": "test,torch,bench,hf,onnx",
+    "torch": "test,torch,bench,hf,onnx,eval",
     "triton": "test,triton",
 }
 BACKEND_ENV = {"triton": {"TRITON_INTERPRET": "1"}}

@@ -203,9 +203,11 @@ def test_layout_config_index_and_copied_files(tmp_path):
     out = tmp_path / "out"
     written = json.loads((out / "config.json").read_text())
     assert "num_expert" not in written and written["architectures"] == ["LlamaForCausalLM"]
-    assert written["dtype"] == "float16" and written["model_type"] == "llama"
+    assert written["dtype"] == "float16" and written["model_type"] == "mosbits"
+    assert written["mosbits_base_model_type"] == "llama" and (out / "mosbits_remote.py").is_file()
+    assert written["auto_map"]["AutoModelForCausalLM"] == "mosbits_remote.MosbitsForCausalLM"
     assert written["quantization_config"] == {"quant_method": "mosbits", "format_version": "1", "num_experts": 4,
-                                              "modules": result.modules}
+                                              "modules": result.modules, "packed": True}
     assert result.modules[:7] == [f"model.layers.0.{linear}" for linear in LINEARS]
     assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
     index = json.loads((out / "model.safetensors.index.json").read_text())

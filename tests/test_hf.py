@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -139,7 +138,7 @@ def test_binarize_train_pack_save_load(arch, tmp_path):
     assert [n for n, m in loaded.named_modules() if isinstance(m, mh.PackedMoSLinear)] == converted
     assert loaded.config.quantization_config.modules == converted
     assert torch.equal(logits(loaded, ids), packed_logits)
-    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     assert torch.equal(logits(plain, ids), packed_logits)
     for (name, a), b in zip(student.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
@@ -342,8 +341,8 @@ def test_check_packed_refuses_a_dense_model_and_missing_layers(tmp_path):
     _, student = teacher_and_student("llama")
     mh.pack(student)
     student.save_pretrained(tmp_path)
-    config = transformers.AutoConfig.from_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match=r"import mosbits\.hf"):
+    config = mh.remote.base_config(tmp_path)
+    with pytest.raises(RuntimeError, match=r"14 of 14 mosbits layers were loaded as Linear .* mosbits\.hf\.load"):
         mh.check_packed(transformers.AutoModelForCausalLM.from_config(config))
 
 
@@ -353,22 +352,83 @@ def test_quantizing_a_dense_checkpoint_at_load_is_refused(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=mh.MoSConfig())
 
 
-def test_load_without_the_import_is_detected(tmp_path):
+LOAD_SCRIPT = """
+import sys
+{block}
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    model = AutoModelForCausalLM.from_pretrained({path!r}{trust})
+except (ValueError, ImportError) as err:
+    print("REFUSED", type(err).__name__, " ".join(str(err).split()))
+    raise SystemExit(0)
+layers = sorted({{type(m).__name__ for m in model.modules() if "MoS" in type(m).__name__}})
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load({ids!r})).logits, {out!r})
+print("LOADED", layers, type(model).__name__, "mosbits imported by the loader:", "mosbits" in sys.modules)
+"""
+BLOCK_MOSBITS = """
+class NoMosbits:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mosbits" or name.startswith("mosbits."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoMosbits())
+"""
+
+
+def load_elsewhere(folder, tmp_path, trust, block_mosbits=False):
+    """``AutoModelForCausalLM.from_pretrained(folder)`` in a fresh interpreter that never imports mosbits itself
+    (with mosbits made unimportable when ``block_mosbits``), stdin closed as under a tool: its one-line verdict,
+    and the logits on ``batch()`` when it loaded."""
+    ids, out = tmp_path / "ids.pt", tmp_path / "logits.pt"
+    torch.save(batch(), ids)
+    script = LOAD_SCRIPT.format(block=BLOCK_MOSBITS if block_mosbits else "", path=str(folder), ids=str(ids),
+                                out=str(out), trust=", trust_remote_code=True" if trust else "")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]  # after transformers' prompt, when it asked one
+    verdict = last[min(i for i in (last.find("REFUSED"), last.find("LOADED"), len(last)) if i >= 0):]
+    return verdict, (torch.load(out) if verdict.startswith("LOADED") else None)
+
+
+@pytest.mark.parametrize("stage", ["packed", "student"])
+def test_a_saved_folder_never_loads_as_a_dense_model(tmp_path, stage):
+    """Without trust_remote_code transformers refuses the folder; with it, and without mosbits, the folder's own
+    module says what to install; with both it loads the mosbits layers, bit for bit."""
     _, student = teacher_and_student("llama")
-    mh.pack(student)
+    if stage == "packed":
+        mh.pack(student)
+    folder = tmp_path / "model"
+    student.save_pretrained(folder)
+    config = __import__("json").loads((folder / "config.json").read_text())
+    assert config["model_type"] == "mosbits" and config["mosbits_base_model_type"] == "llama"
+    assert (folder / "mosbits_remote.py").is_file()
+    expected = logits(student, batch())
+
+    verdict, _ = load_elsewhere(folder, tmp_path, trust=False)
+    assert verdict.startswith("REFUSED ValueError") and "trust_remote_code=True" in verdict
+    verdict, _ = load_elsewhere(folder, tmp_path, trust=True, block_mosbits=True)
+    assert verdict.startswith("REFUSED ImportError") and "pip install 'mosbits[hf]'" in verdict
+    verdict, got = load_elsewhere(folder, tmp_path, trust=True)
+    layer = "PackedMoSLinear" if stage == "packed" else "MoSLinear"
+    assert verdict == f"LOADED ['{layer}'] LlamaForCausalLM mosbits imported by the loader: True"
+    assert torch.equal(got, expected)
+
+
+def test_a_reloaded_student_trains_as_binarize_left_it(tmp_path):
+    _, student = teacher_and_student("llama")
     student.save_pretrained(tmp_path)
-    script = textwrap.dedent(f"""
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
-        import mosbits.hf
-        try:
-            mosbits.hf.check_packed(model)
-        except RuntimeError as err:
-            print("DETECTED", err)
-    """)
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert "DETECTED 14 of 14 mosbits layers were loaded as Linear" in out.stdout
+    loaded = mh.load(tmp_path)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in student.named_parameters() if p.requires_grad}
+    assert loaded.hf_quantizer.is_trainable
+    for a, b in zip(student.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    mh.pack(loaded)
+    loaded.save_pretrained(tmp_path / "packed")
+    assert isinstance(mh.load(tmp_path / "packed").model.layers[0].mlp.up_proj, mh.PackedMoSLinear)
 
 
 def test_core_and_cli_import_neither_torch_nor_transformers():
@@ -417,3 +477,35 @@ def test_binarize_command_on_the_default_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "teacher (dense)" in out and "outputs identical" in out
     assert isinstance(mh.load(tmp_path).model.layers[0].self_attn.q_proj, mh.PackedMoSLinear)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over the 256 ids of the tiny models, built offline."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{chr(i): i for i in range(32, 127)}}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_lm_eval_loads_a_packed_folder_with_trust_remote_code(tmp_path):
+    """What ``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` does: lm-eval's HFLM
+    loads the folder by path and scores log-likelihoods equal to those of the model `mosbits.hf.load` returns."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    student.save_pretrained(tmp_path)
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    requests = [Instance("loglikelihood", {}, (context, continuation), i)
+                for i, (context, continuation) in enumerate([("The size of item", " 4 is 16."),
+                                                             ("name", " of item 7")])]
+    by_path = HFLM(pretrained=str(tmp_path), trust_remote_code=True, device="cpu", batch_size=1)
+    assert sum(isinstance(m, mh.PackedMoSLinear) for m in by_path.model.modules()) == LINEARS["llama"]
+    by_object = HFLM(pretrained=mh.load(tmp_path), tokenizer=tokenizer, device="cpu", batch_size=1)
+    scores = by_path.loglikelihood(requests)
+    assert scores == by_object.loglikelihood(requests)
+    assert all(math.isfinite(logprob) and logprob < 0 for logprob, _ in scores)

@@ -7,10 +7,11 @@
     mh.distill(student, teacher, texts, steps=1000, lr=2e-5, seq_len=512, batch_size=4)
     mh.pack(student)                            # MoSLinear -> PackedMoSLinear, in place
     student.save_pretrained(out)
-    model = mh.load(out)                        # or AutoModelForCausalLM.from_pretrained(out) after this import
+    model = mh.load(out)                        # or AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
 
-``import mosbits.hf`` must come before ``from_pretrained`` of a packed checkpoint: transformers only warns about an
-unknown quantization method and would load random linear weights. `load` imports, loads and checks.
+A saved mosbits folder declares ``model_type = "mosbits"`` and carries a small loader module (`mosbits.hf.remote`):
+``from_pretrained`` without ``trust_remote_code`` refuses it, and with it needs mosbits installed. It never loads
+as a dense model with random weights. `load` loads and checks.
 
 Needs torch and transformers (``pip install 'mosbits[hf]'``); ``import mosbits`` alone imports neither.
 """

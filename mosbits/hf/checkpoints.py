@@ -47,6 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mosbits
 from mosbits.format import row_bytes
 from mosbits.hf.config import MoSConfig
+from mosbits.hf.remote import finish_folder
 
 SOURCE_TENSORS = ("weight", "in_channel_scale", "out_channel_scale", "gate_linear.weight")
 """Required tensors of a binarized module in the authors' layout; ``bias`` is optional."""
@@ -144,6 +145,7 @@ def convert_binarymos(src_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config.quantization_config = MoSConfig(num_experts=num_experts, modules=modules)
     config.save_pretrained(out)
+    finish_folder(out)
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)

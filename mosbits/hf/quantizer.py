@@ -1,14 +1,15 @@
 """transformers integration: the ``"mosbits"`` quantization config and HfQuantizer, and a checked loader.
 
 Importing this module registers both under ``quant_method = "mosbits"`` (transformers 5.x public registry, no
-patching). ``from_pretrained`` of a packed checkpoint then rebuilds its `PackedMoSLinear` layers before the
-weights load, and the loader fills their buffers from the safetensors file as they were saved (uint8 signs stay
-uint8). Without the import, transformers only warns about an unknown quantization method and loads a dense model
-with random linear weights: `check_packed` and `load` catch that.
+patching). ``from_pretrained`` of a mosbits folder then rebuilds its `PackedMoSLinear` layers (or, for a saved
+student, its `MoSLinear` layers) before the weights load, and the loader fills them from the safetensors file as
+they were saved (uint8 signs stay uint8). Folders saved by mosbits cannot load without mosbits
+(`mosbits.hf.remote`); `check_packed` still checks what a model holds after loading.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -19,13 +20,14 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from mosbits.format import FORMAT_VERSION
 from mosbits.hf.config import QUANT_METHOD, MoSConfig
-from mosbits.hf.layers import PackedMoSLinear
-from mosbits.hf.surgery import linear_shape, replace_module
+from mosbits.hf.layers import MoSLinear, PackedMoSLinear
+from mosbits.hf.remote import base_config, mark
+from mosbits.hf.surgery import freeze_all_but_mos, linear_shape, replace_module
 
 
 class MoSHfQuantizer(HfQuantizer):
-    """Loads packed mosbits checkpoints; it cannot quantize a dense checkpoint (that needs distillation: use
-    `mosbits.hf.binarize`, `distill`, `pack`)."""
+    """Loads mosbits checkpoints (packed models, and students saved in training); it cannot quantize a dense
+    checkpoint (that needs distillation: use `mosbits.hf.binarize`, `distill`, `pack`)."""
 
     requires_calibration = True
 
@@ -42,7 +44,8 @@ class MoSHfQuantizer(HfQuantizer):
                              f"mosbits reads {FORMAT_VERSION!r}: upgrade mosbits")
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        """Swap each module named in the config for an empty `PackedMoSLinear` on the same device and dtype.
+        """Swap each module named in the config for an empty `PackedMoSLinear` (a `MoSLinear` for a student)
+        on the same device and dtype.
 
         The parents of the packed layers that hold no tensor of their own are marked as initialised
         (``_is_hf_initialized``, the flag transformers sets on loaded modules): every tensor below them comes from
@@ -50,16 +53,23 @@ class MoSHfQuantizer(HfQuantizer):
         otherwise reach for a ``weight`` that a packed layer does not have.
         """
         num_experts = self.quantization_config.num_experts
+        layer_class = PackedMoSLinear if self.quantization_config.packed else MoSLinear
         for name in self.quantization_config.modules:
             module = model.get_submodule(name)
             n, k = linear_shape(module)
             has_bias = getattr(module, "bias", None) is not None
-            replace_module(model, name, PackedMoSLinear(k, n, num_experts, bias=has_bias,
-                                                        device=module.weight.device, dtype=module.weight.dtype))
+            replace_module(model, name, layer_class(k, n, num_experts, bias=has_bias,
+                                                    device=module.weight.device, dtype=module.weight.dtype))
             parent = model.get_submodule(name.rpartition(".")[0])
             own_tensors = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
             if not own_tensors:
                 parent._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        """A student trains as `mosbits.hf.binarize` left it: only its MoSLinear parameters (bias excepted)."""
+        if not self.quantization_config.packed:
+            freeze_all_but_mos(model)
         return model
 
     def is_serializable(self) -> bool:
@@ -67,7 +77,7 @@ class MoSHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return not self.quantization_config.packed
 
 
 def register() -> None:
@@ -79,12 +89,12 @@ def register() -> None:
 
 
 def check_packed(model: nn.Module) -> nn.Module:
-    """Check that a model loaded from a mosbits checkpoint holds its packed layers; return it.
+    """Check that a model loaded from a mosbits checkpoint holds its mosbits layers; return it.
 
     Raises:
         ValueError: the model's config has no mosbits ``quantization_config``.
-        RuntimeError: a module the config names is not a `PackedMoSLinear` (the checkpoint was loaded before
-            ``import mosbits.hf``, so transformers skipped the quantizer and left random weights), or a buffer
+        RuntimeError: a module the config names is not a `PackedMoSLinear` (a `MoSLinear` for a student): the
+            checkpoint was loaded without the mosbits quantizer, so its layers hold random weights; or a buffer
             was not loaded.
     """
     config = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -92,13 +102,14 @@ def check_packed(model: nn.Module) -> nn.Module:
         config = MoSConfig.from_dict(config) if config.get("quant_method") == QUANT_METHOD else None
     if not isinstance(config, MoSConfig):
         raise ValueError(f"{type(model).__name__} has no mosbits quantization_config: not a packed mosbits model")
-    wrong = [name for name in config.modules if not isinstance(model.get_submodule(name), PackedMoSLinear)]
+    layer_class = PackedMoSLinear if config.packed else MoSLinear
+    wrong = [name for name in config.modules if not isinstance(model.get_submodule(name), layer_class)]
     if wrong:
         raise RuntimeError(
             f"{len(wrong)} of {len(config.modules)} mosbits layers were loaded as "
             f"{type(model.get_submodule(wrong[0])).__name__} (first: {wrong[0]!r}) with random weights: "
-            "`import mosbits.hf` must run before from_pretrained (transformers only warns about an unknown "
-            "quantization method), or load with mosbits.hf.load(path)")
+            "load the folder with mosbits.hf.load(path), or from_pretrained(path, trust_remote_code=True); "
+            "a folder saved by an older mosbits needs `import mosbits.hf` before from_pretrained")
     unloaded = [name for name, b in model.named_buffers() if b.is_meta]
     if unloaded:
         raise RuntimeError(f"buffer {unloaded[0]!r} was not loaded from the checkpoint (still on the meta device)")
@@ -109,9 +120,20 @@ def load(path: str | os.PathLike, model_class: Any = AutoModelForCausalLM, **kwa
     """``model_class.from_pretrained(path, **kwargs)`` with the mosbits quantizer registered, then `check_packed`.
 
     Args:
-        path: a directory written by ``save_pretrained`` after `mosbits.hf.pack`.
+        path: a directory written by ``save_pretrained`` of a model holding mosbits layers (after
+            `mosbits.hf.pack`, or a student after `mosbits.hf.binarize`), or by ``mosbits convert-binarymos``.
         model_class: a transformers auto class or model class.
-        kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+        kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...); a ``config`` given here is used
+            without its ``auto_map``, else the folder's config.json is read (`mosbits.hf.remote.base_config`).
+
+    Returns:
+        The model, whose ``save_pretrained`` writes a mosbits folder again.
     """
     register()
-    return check_packed(model_class.from_pretrained(path, **kwargs))
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = base_config(path)
+    elif hasattr(config, "auto_map"):
+        config = copy.deepcopy(config)
+        del config.auto_map
+    return mark(check_packed(model_class.from_pretrained(path, config=config, **kwargs)))

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from mosbits.hf.config import MoSConfig
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts
+from mosbits.hf.remote import mark
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -34,7 +36,8 @@ def binarize(model: nn.Module, num_experts: int = 4, targets: Iterable[str] | No
 
     Returns:
         model, whose only trainable parameters are now the latent weights, scales and routers of its MoSLinear
-        layers (as the paper trains).
+        layers (as the paper trains). Its config records the layers (``MoSConfig(packed=False)``), so a student
+        saved with ``save_pretrained`` reloads as a student (`mosbits.hf.load`), never as a dense model.
 
     Raises:
         ValueError: bad num_experts, the model already holds mosbits layers, or nothing to convert.
@@ -45,12 +48,30 @@ def binarize(model: nn.Module, num_experts: int = 4, targets: Iterable[str] | No
         raise ValueError("model already holds MoSLinear / PackedMoSLinear layers; binarize a dense model")
     names = select_linears(model, targets, tuple(skip))
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    model.requires_grad_(False)
     for name in names:
         module = model.get_submodule(name)
         weight = module.weight.T if _is_conv1d(module) else module.weight
         replace_module(model, name, MoSLinear.from_weight(weight.detach(), _bias(module), num_experts, generator))
+    freeze_all_but_mos(model)
+    _record(model, MoSConfig(num_experts=num_experts, modules=names, packed=False))
     return model
+
+
+def freeze_all_but_mos(model: nn.Module) -> None:
+    """Leave trainable only the latent weights, scales and routers of ``model``'s `MoSLinear` layers."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, MoSLinear):
+            for name, parameter in module.named_parameters():
+                parameter.requires_grad_(name != "bias")
+
+
+def _record(model: nn.Module, config: MoSConfig) -> None:
+    """Write ``config`` as the model's ``quantization_config`` and make its ``save_pretrained`` write a mosbits
+    folder (`mosbits.hf.remote`), when the model has a transformers config."""
+    if isinstance(getattr(model, "config", None), PretrainedConfig):
+        model.config.quantization_config = config
+        mark(model)
 
 
 def select_linears(model: nn.Module, targets: Iterable[str] | None, skip: tuple[str, ...]) -> list[str]:
@@ -102,9 +123,9 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 def pack(model: nn.Module) -> nn.Module:
     """Replace every `MoSLinear` by `PackedMoSLinear`, in place, and record the conversion in the model's config.
 
-    Sets ``model.config.quantization_config`` to a `mosbits.hf.MoSConfig` (when the model has a config), so that
-    ``save_pretrained`` writes ``{"quant_method": "mosbits", ...}`` and ``from_pretrained`` (after
-    ``import mosbits.hf``) rebuilds the packed layers.
+    Sets ``model.config.quantization_config`` to a `mosbits.hf.MoSConfig` (when the model has a transformers
+    config), so that ``save_pretrained`` writes a folder that loads back packed, with `mosbits.hf.load` or
+    ``from_pretrained(folder, trust_remote_code=True)``, and never as a dense model (`mosbits.hf.remote`).
 
     Raises:
         ValueError: the model holds no MoSLinear.
@@ -117,9 +138,7 @@ def pack(model: nn.Module) -> nn.Module:
         raise ValueError(f"MoSLinear layers disagree on num_experts ({sorted(experts)}); one value per model")
     for name in names:
         replace_module(model, name, PackedMoSLinear.from_mos(model.get_submodule(name)))
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.quantization_config = MoSConfig(num_experts=experts.pop(), modules=names)
+    _record(model, MoSConfig(num_experts=experts.pop(), modules=names))
     return model
 
 
