@@ -509,3 +509,57 @@ def test_lm_eval_loads_a_packed_folder_with_trust_remote_code(tmp_path):
     scores = by_path.loglikelihood(requests)
     assert scores == by_object.loglikelihood(requests)
     assert all(math.isfinite(logprob) and logprob < 0 for logprob, _ in scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_train_float32_mos_parameters(dtype):
+    """At lr 2e-5 an Adam step moves a latent weight near 0.02 by less than half the bf16 spacing there: in
+    half precision it would not move at all."""
+    torch.manual_seed(0)
+    student = mh.binarize(tiny_llama().to(dtype), num_experts=4, seed=0)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert student.model.embed_tokens.weight.dtype == dtype
+    layer = student.model.layers[0].mlp.up_proj
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.Adam(trainable, lr=2e-5)
+    out = student(batch()).logits
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    optimizer.step()
+    step = layer.weight.detach() - before
+    assert (step != 0).float().mean() > 0.9
+    if dtype == torch.bfloat16:  # what bfloat16 latents would have kept of the same step
+        kept = (before.to(dtype) + step.to(dtype)) != before.to(dtype)
+        assert kept.float().mean() < 0.5
+    mh.pack(student)
+    packed = student.model.layers[0].mlp.up_proj
+    assert packed.s_in.dtype == dtype and packed.s_out.dtype == dtype and packed.router.dtype == dtype
+    assert student(batch()).logits.dtype == dtype
+
+
+def test_distillation_forwards_without_kv_cache():
+    teacher, student = teacher_and_student("llama")
+    seen = []
+    for model in (teacher, student):
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                        with_kwargs=True)
+    mh.distill(student, teacher, TEXT, tokenizer=ByteTokenizer(), steps=1, seq_len=32, batch_size=2)
+    assert len(seen) == 2 and seen == [False, False]
+
+
+def test_distillation_keeps_a_teacher_placed_with_its_own_device_map(tmp_path):
+    """A teacher offloaded block by block to disk by accelerate cannot be moved with .to(); the trainer leaves
+    it where it is, and its loss is the loss of the same teacher in memory."""
+    pytest.importorskip("accelerate")
+    teacher, student = teacher_and_student("llama")
+    teacher.save_pretrained(tmp_path / "teacher")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "teacher", device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert "disk" in set(offloaded.hf_device_map.values())
+    twin = copy.deepcopy(student)
+    losses = mh.distill(student, offloaded, TEXT, tokenizer=ByteTokenizer(), steps=2, seq_len=32, batch_size=2)
+    expected = mh.distill(twin, teacher, TEXT, tokenizer=ByteTokenizer(), steps=2, seq_len=32, batch_size=2)
+    assert losses == pytest.approx(expected, rel=1e-5)

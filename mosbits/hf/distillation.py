@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,11 +63,16 @@ class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is `distillation_loss` against a frozen teacher.
 
     Args:
-        teacher: the full-precision model; put in eval mode, frozen, and moved to the training device. It runs
-            under ``torch.no_grad`` (and under the Trainer's autocast when bf16 is on).
+        teacher: the full-precision model, put in eval mode and frozen. A teacher placed with its own
+            ``device_map`` (sharded over devices, or offloaded to CPU or disk by accelerate) stays where it is and
+            its outputs are brought to the student's device; any other teacher is moved to the training device.
+            It runs under ``torch.no_grad`` and outside autocast: accelerate's autocast (``bf16=True``) wraps the
+            student's forward only, so the teacher computes in its own dtype (load it in bfloat16 to halve its
+            memory and time).
         kl_weight, mse_weight: weights of the two terms (paper: 1 and 10).
         args, kwargs: as for ``Trainer``; the dataset yields ``input_ids`` (and optionally ``attention_mask``).
 
+    Both forwards run with ``use_cache=False``: a training step needs no KV cache, and building one costs memory.
     The loss is per batch, so the Trainer must divide it by the gradient accumulation steps: newer transformers
     read ``loss_is_scaled_for_ga = False``, older ones ``model_accepts_loss_kwargs = False``.
     """
@@ -77,17 +83,30 @@ class DistillationTrainer(Trainer):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
-        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.teacher = teacher.eval().requires_grad_(False)
+        if not getattr(teacher, "hf_device_map", None):
+            self.teacher.to(self.args.device)
         self.kl_weight, self.mse_weight = kl_weight, mse_weight
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         inputs = {key: value for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
-        outputs = model(**inputs, output_hidden_states=True)
+        outputs = model(**inputs, output_hidden_states=True, use_cache=False)
         with torch.no_grad():
-            target = self.teacher(**inputs, output_hidden_states=True)
+            target = self.teacher(**{k: v.to(self._teacher_input_device()) for k, v in inputs.items()},
+                                  output_hidden_states=True, use_cache=False)
+        device = outputs.logits.device
+        target = types.SimpleNamespace(logits=target.logits.to(device),
+                                       hidden_states=[h.to(device) for h in target.hidden_states])
         loss = distillation_loss(outputs, target, inputs.get("attention_mask"), self.kl_weight, self.mse_weight)
         return (loss, outputs) if return_outputs else loss
+
+
+    def _teacher_input_device(self) -> torch.device:
+        """Where the teacher's token ids go: its input embeddings' device (accelerate's hooks move them on from
+        there when that module is offloaded and its weight sits on the meta device)."""
+        device = self.teacher.get_input_embeddings().weight.device
+        return self.args.device if device.type == "meta" else device
 
 
 class TokenBlocks(torch.utils.data.Dataset):

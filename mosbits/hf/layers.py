@@ -54,6 +54,9 @@ class _MoSShape(nn.Module):
                 f"num_experts={self.num_experts}, bias={self.bias is not None}")
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class MoSLinear(_MoSShape):
     """A trainable BinaryMoS layer.
 
@@ -64,12 +67,20 @@ class MoSLinear(_MoSShape):
         router: ``nn.Linear(K, E, bias=False)`` (trained), or None when E = 1 (the OneBit-style layer, whose
             single expert always has gate 1).
         bias: (N,) or None, frozen.
+        model_dtype: the dtype of the model the layer sits in (``dtype=``); `PackedMoSLinear.from_mos` packs
+            the scales in it.
+
+    For a float16 or bfloat16 model every tensor of the layer is float32 all the same: at the paper's learning
+    rate (2e-5) an Adam step on a latent weight near |w| = 0.02 moves it by less than half the bfloat16 spacing
+    there (1.2e-4), so half-precision latents would not train. Autocast (``bf16=True`` in the Trainer) runs the
+    matmuls in half precision; without autocast the layer computes in float32 and returns x's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, num_experts)
-        factory = {"device": device, "dtype": dtype}
+        self.model_dtype = dtype or torch.get_default_dtype()
+        factory = {"device": device, "dtype": torch.float32 if self.model_dtype in HALF_DTYPES else dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.s_in = nn.Parameter(torch.ones(num_experts, in_features, **factory))
         self.s_out = nn.Parameter(torch.ones(num_experts, out_features, **factory))
@@ -104,17 +115,21 @@ class MoSLinear(_MoSShape):
         return layer
 
     def scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-wise scales for x (..., K): s_in (..., K) and s_out (..., N), or (K,) and (N,) when E = 1."""
+        """Token-wise scales for x (..., K) in the layer's dtype: s_in (..., K) and s_out (..., N), or (K,) and
+        (N,) when E = 1."""
         if self.router is None:
             return self.s_in[0], self.s_out[0]
         gates = torch.softmax(self.router(x).float(), dim=-1).to(x.dtype)
         return gates @ self.s_in, gates @ self.s_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> y (..., N)."""
+        """x (..., K) in any float dtype -> y (..., N) in x's dtype (computed in the layer's dtype, or in
+        autocast's)."""
+        dtype, x = x.dtype, x.to(self.weight.dtype)
         s_in, s_out = self.scales(x)
         y = F.linear(x * s_in, SignSTE.apply(self.weight)) * s_out
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.to(dtype)
 
 class PackedMoSLinear(_MoSShape):
     """An inference-only BinaryMoS layer on packed signs; forward is ``mosbits.matmul(..., backend="auto")``.
@@ -143,10 +158,11 @@ class PackedMoSLinear(_MoSShape):
 
     @classmethod
     def from_mos(cls, layer: MoSLinear) -> PackedMoSLinear:
-        """Pack a trained `MoSLinear`: signs of its latent weight (0 -> +1), copies of its scales, router, bias."""
+        """Pack a trained `MoSLinear`: signs of its latent weight (0 -> +1), copies of its scales, router and bias
+        in the layer's ``model_dtype`` (rounded from float32 for a half-precision model)."""
         weight = layer.weight.detach()
         packed = cls(layer.in_features, layer.out_features, layer.num_experts, bias=layer.bias is not None,
-                     device=weight.device, dtype=layer.s_in.dtype)
+                     device=weight.device, dtype=layer.model_dtype)
         with torch.no_grad():
             packed.signs.copy_(mosbits.pack(weight).data)
             packed.s_in.copy_(layer.s_in)
