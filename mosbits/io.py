@@ -3,17 +3,26 @@
 A file holds any number of named layers. Layer ``<name>`` is the tensors ``<name>.signs`` (uint8, (N, 4 *
 ceil(K / 32))), ``<name>.s_in`` (E, K), ``<name>.s_out`` (E, N), ``<name>.router`` (E, K) and optionally
 ``<name>.bias`` (N,), with metadata ``mosbits.format = "1"`` and ``<name>.shape = "N,K"``.
+
+`load` is strict where a lenient JSON reader would quietly pick one meaning (FORMAT.md section 6): a key that
+appears twice in the header or in ``__metadata__``, a tensor entry with fields other than ``dtype``, ``shape`` and
+``data_offsets``, a JSON number that is NaN or infinite, an empty layer name, and a float tensor holding NaN or
+inf are all refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import secrets
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mosbits import arrays
 from mosbits.api import check_layer, matmul
@@ -24,6 +33,9 @@ FORMAT_KEY = "mosbits.format"
 TENSOR_SUFFIXES = ("signs", "s_in", "s_out", "router", "bias")
 _REQUIRED = ("signs", "s_in", "s_out", "router")
 _SHAPE = re.compile(r"([1-9][0-9]{0,17}),([1-9][0-9]{0,17})")
+ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' own limit on the header's length."""
 
 
 class FormatError(ValueError):
@@ -143,6 +155,7 @@ def load(path: str | os.PathLike, framework: str = "numpy", device: str = "cpu")
         raise ValueError(f"load: framework must be 'numpy' or 'torch', got {framework!r}")
     from safetensors import safe_open
 
+    check_header(path)
     try:
         with safe_open(path, framework="numpy" if framework == "numpy" else "pt", device=device) as f:
             metadata = f.metadata() or {}
@@ -159,6 +172,60 @@ def load(path: str | os.PathLike, framework: str = "numpy", device: str = "cpu")
     return {name: _build_layer(path, name, suffixes, tensors, metadata) for name, suffixes in groups.items()}
 
 
+def check_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors file, checked for what safetensors' own parser lets through.
+
+    Raises:
+        FormatError: the length prefix or the JSON is unreadable; a key appears twice (in the header or in
+            ``__metadata__``); a number is NaN or infinite; ``__metadata__`` is not an object of strings; a tensor
+            entry is not an object of exactly ``dtype``, ``shape`` and ``data_offsets``.
+        FileNotFoundError: no such file.
+    """
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise FormatError(f"{path}: not a readable safetensors file ({len(prefix)} bytes, shorter than the "
+                              "8-byte header length)")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: not a readable safetensors file (header length {size} exceeds "
+                              f"{MAX_HEADER_BYTES} bytes)")
+        text = f.read(size)
+    if len(text) < size:
+        raise FormatError(f"{path}: not a readable safetensors file (truncated header: {len(text)} of {size} "
+                          "bytes)")
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{path}: header is not valid JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must be an object of strings")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != ENTRY_FIELDS:
+            fields = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise FormatError(f"{path}: tensor entry {key!r} must have exactly the fields "
+                              f"{sorted(ENTRY_FIELDS)}, got {fields}")
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _check_version(path: Any, metadata: Mapping[str, str]) -> None:
     version = metadata.get(FORMAT_KEY)
     if version is None:
@@ -172,6 +239,8 @@ def _group_keys(path: Any, keys: list[str], metadata: Mapping[str, str]) -> dict
     groups: dict[str, set[str]] = {}
     for key in keys:
         name, _, suffix = key.rpartition(".")
+        if not name and suffix in TENSOR_SUFFIXES:
+            raise FormatError(f"{path}: tensor {key!r} has an empty layer name (layer names are non-empty)")
         if not name or suffix not in TENSOR_SUFFIXES:
             raise FormatError(f"{path}: unexpected tensor {key!r} (layer tensors end in {TENSOR_SUFFIXES})")
         groups.setdefault(name, set()).add(suffix)
@@ -208,4 +277,9 @@ def _build_layer(path: Any, name: str, suffixes: set[str], tensors: Mapping[str,
         layer = MoSLinearWeights(packed, Experts(get["s_in"], get["s_out"]), get["router"], get["bias"])
     except (TypeError, ValueError) as err:
         raise FormatError(f"{where}: {err}") from err
+    for suffix in ("s_in", "s_out", "router", "bias"):
+        a = get[suffix]
+        bad = 0 if a is None else int((~a.isfinite()).sum()) if arrays.is_torch(a) else int((~np.isfinite(a)).sum())
+        if bad:
+            raise FormatError(f"{where}: tensor {name}.{suffix} holds {bad} non-finite value(s) (NaN or inf)")
     return layer

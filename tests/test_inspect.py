@@ -145,7 +145,8 @@ def test_non_finite_scale_names_the_tensor(tmp_path, capsys):
     data = bytearray(ORIGINAL)
     data[DATA_START + begin + 4:DATA_START + begin + 8] = struct.pack("<f", float("nan"))
     (tmp_path / "nan.safetensors").write_bytes(bytes(data))
-    assert mosbits.load(tmp_path / "nan.safetensors")
+    with pytest.raises(mosbits.FormatError, match=r"tensor model\.layers\.0\.q\.s_out holds 1 non-finite"):
+        mosbits.load(tmp_path / "nan.safetensors")
     assert inspect_cli([str(tmp_path / "nan.safetensors")]) == 1
     assert "tensor model.layers.0.q.s_out holds 1 non-finite value(s)" in capsys.readouterr().err
 

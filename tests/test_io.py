@@ -162,3 +162,63 @@ def test_saved_files_honour_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def with_header(data, edit):
+    """The file bytes ``data`` with its JSON header text passed through ``edit`` (a str -> str function), the
+    length prefix updated and the data buffer unchanged."""
+    (size,) = struct.unpack("<Q", data[:8])
+    text = edit(data[8:8 + size].decode().rstrip(" "))
+    text += " " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text.encode() + data[8 + size:]
+
+
+def entry_of(text, key):
+    """The JSON text of the header entry ``key`` (safetensors writes no spaces)."""
+    header = json.loads(text)
+    return f'"{key}":{json.dumps(header[key], separators=(",", ":"))}'
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace('"__metadata__":{', '"__metadata__":{"mosbits.format":"1",', 1),
+     "key 'mosbits.format' appears twice"),
+    (lambda t: t[:-1] + "," + entry_of(t, "l.bias") + "}", "key 'l.bias' appears twice"),
+    (lambda t: t.replace('"dtype":"F32","shape":[17]', '"dtype":"F32","shape":[17],"endian":"big"', 1),
+     r"tensor entry 'l.bias' must have exactly the fields \['data_offsets', 'dtype', 'shape'\]"),
+    (lambda t: t.replace('"__metadata__":{', '"__metadata__":{"x":NaN,', 1), "NaN is not a JSON number"),
+    (lambda t: t.replace('"__metadata__":{', '"__metadata__":{"x":1,', 1), "__metadata__ must be an object of"),
+], ids=["metadata-duplicate", "tensor-duplicate", "unknown-entry-field", "nan-number", "metadata-not-string"])
+def test_headers_a_lenient_parser_would_accept_are_refused(tmp_path, edit, message):
+    """FORMAT.md section 6: each key once, tensor entries with exactly three fields, plain JSON numbers; Python's
+    json module (keeps the last duplicate, reads NaN) and safetensors' parser would each accept some of these."""
+    mosbits.save(tmp_path / "m.safetensors", {"l": layer()})
+    edited = with_header((tmp_path / "m.safetensors").read_bytes(), edit)
+    (tmp_path / "bad.safetensors").write_bytes(edited)
+    with pytest.raises(mosbits.FormatError, match=message):
+        mosbits.load(tmp_path / "bad.safetensors")
+
+
+def test_an_empty_layer_name_is_refused(tmp_path):
+    """A tensor key ``.signs`` names the layer "": FORMAT.md section 3 requires a non-empty name."""
+    mosbits.save(tmp_path / "m.safetensors", {"l": layer()})
+    edited = with_header((tmp_path / "m.safetensors").read_bytes(),
+                         lambda t: t.replace('"l.', '".').replace('"l.shape"', '".shape"'))
+    (tmp_path / "bad.safetensors").write_bytes(edited)
+    with pytest.raises(mosbits.FormatError, match=r"tensor '\.bias' has an empty layer name"):
+        mosbits.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="invalid layer name ''"):
+        mosbits.save(tmp_path / "x.safetensors", {"": layer()})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("tensor", ["s_in", "s_out", "router", "bias"])
+def test_non_finite_parameters_are_refused(tmp_path, tensor, value):
+    good = layer()
+    mosbits.save(tmp_path / "m.safetensors", {"l": good})
+    data = bytearray((tmp_path / "m.safetensors").read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    begin, _ = json.loads(data[8:8 + size])[f"l.{tensor}"]["data_offsets"]
+    data[8 + size + begin:8 + size + begin + 4] = struct.pack("<f", value)
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(mosbits.FormatError, match=rf"layer 'l': tensor l\.{tensor} holds 1 non-finite value"):
+        mosbits.load(tmp_path / "bad.safetensors")
