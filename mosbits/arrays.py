@@ -88,23 +88,34 @@ def from_numpy(a: np.ndarray, library: str, dtype: str | None = None, device: st
 def empty(like: Any, shape: tuple[int, ...], dtype: Any = None) -> Any:
     """An uninitialised output array on ``like``'s library and device (``dtype`` defaults to ``like``'s).
 
-    Backends allocate their outputs here, so that tests can poison them with NaN (see `poisoned_outputs`) and
-    an element a kernel forgot to write fails loudly instead of holding stale memory that happens to look right.
+    Backends allocate their outputs and scratch tiles here, so that tests can poison them (see
+    `poisoned_outputs`: floats with NaN, integers with every bit set, which for the 16-bit patterns of bfloat16 is
+    a NaN too) and an element a kernel forgot to write fails loudly instead of holding stale memory that happens
+    to look right.
     """
     if is_torch(like):
         out = like.new_empty(shape, dtype=like.dtype if dtype is None else dtype)
         if _poison_outputs:
-            out.fill_(float("nan"))
+            out.fill_(float("nan") if out.is_floating_point() else -1)
         return out
     out = np.empty(shape, dtype=like.dtype if dtype is None else dtype)
     if _poison_outputs:
-        out.fill(np.nan)
+        if np.issubdtype(out.dtype, np.floating):
+            out.fill(np.nan)
+        else:
+            out.view(np.uint8).fill(0xFF)
     return out
+
+
+def poisoning() -> bool:
+    """True within `poisoned_outputs`: backends that allocate scratch arrays inside compiled code (the numba
+    kernels' gates and tables) poison those too."""
+    return _poison_outputs
 
 
 @contextlib.contextmanager
 def poisoned_outputs() -> Iterator[None]:
-    """Within the block, every array from `empty` starts filled with NaN (for tests)."""
+    """Within the block, every array from `empty` starts poisoned (NaN, or every bit set) (for tests)."""
     global _poison_outputs
     previous, _poison_outputs = _poison_outputs, True
     try:

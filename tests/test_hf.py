@@ -563,3 +563,26 @@ def test_distillation_keeps_a_teacher_placed_with_its_own_device_map(tmp_path):
     losses = mh.distill(student, offloaded, TEXT, tokenizer=ByteTokenizer(), steps=2, seq_len=32, batch_size=2)
     expected = mh.distill(twin, teacher, TEXT, tokenizer=ByteTokenizer(), steps=2, seq_len=32, batch_size=2)
     assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_packed_model_runs_on_numba_in_both_precisions(monkeypatch):
+    """The path packed models take on a CPU: every layer prepared on numba, logits as the torch backend's (within
+    float32 rounding), and `set_precision(model, "fast")` within the fast mode's error."""
+    from conftest import require_backend
+
+    require_backend("numba")
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    ids = batch()
+    exact = logits(student, ids)
+    layers = [m for m in student.modules() if isinstance(m, mh.PackedMoSLinear)]
+    assert {(m.prepared().backend, m.prepared().precision) for m in layers} == {("numba", "exact")}
+    monkeypatch.setenv("MOSBITS_BACKEND", "torch")
+    on_torch = logits(student, ids)
+    assert {m.prepared().backend for m in layers} == {"torch"}
+    monkeypatch.delenv("MOSBITS_BACKEND")
+    torch.testing.assert_close(exact, on_torch, rtol=1e-5, atol=1e-5)
+    assert mh.set_precision(student, "fast") == LINEARS["llama"]
+    fast = logits(student, ids)
+    assert {(m.prepared().backend, m.prepared().precision) for m in layers} == {("numba", "fast")}
+    assert 0 < testing.nmse(fast, exact.double().numpy()) < 1e-4

@@ -206,3 +206,33 @@ def test_row_blocks_transpose_bytes_within_blocks(lanes):
         for j in range(12):
             assert blocks[n // lanes, lanes * j + n % lanes] == data[n, j]
     assert not blocks.reshape(-1, 12, lanes).transpose(0, 2, 1).reshape(-1, 12)[21:].any()
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_several_blocks_of_tokens_at_k_4096(isa, precision):
+    """Tables are built per block of TABLE_BYTES (64 tokens at K = 4096): 70 tokens take the loop twice, and
+    the second block must land in rows 64..69 of the output."""
+    kp = 4096
+    step = max(1, numba_backend._kernels.TABLE_BYTES // (16 * kp))
+    args = testing.random_case(np.random.default_rng(65), (step + 6,), kp, 40, 4, True).arguments("numpy",
+                                                                                                  "float32")
+    with numba_backend.forced(isa, "lookup"), arrays.poisoned_outputs():
+        y = mosbits.matmul(**args, backend="numba", precision=precision)
+    ref = testing.truth(**args)
+    tolerance = testing.fast_tolerance if precision == "fast" else testing.tolerance
+    tol = tolerance(args["x"], args["experts"], args["router"], args["bias"], ref, out_dtype="float32")
+    testing.assert_within(y, ref, tol, what=f"numba {isa} {precision} M={step + 6} K={kp}")
+
+
+def test_bfloat16_tiles_past_the_first():
+    """The bfloat16 gemm path unpacks BF16_TILE_ROWS rows at a time: N = 1100 and 64 tokens take two tiles."""
+    pytest.importorskip("torch")
+    m, n = numba_backend.BF16_GEMM_MIN_M, numba_backend.BF16_TILE_ROWS + 76
+    assert numba_backend.selected_path(m, ISAS[0], bf16=True) == ("gemm", "")
+    case = testing.random_case(np.random.default_rng(n), (m,), 100, n, 4, True)
+    y, args = run(case, "numba", "torch", "bfloat16", numba_backend)
+    ref = testing.truth(**args)
+    tol = testing.tolerance(args["x"], args["experts"], args["router"], args["bias"], ref, out_dtype="bfloat16",
+                            product_dtype="bfloat16")
+    testing.assert_within(y, ref, tol, what=f"numba bfloat16 gemm M={m} N={n}")

@@ -4,6 +4,7 @@ project's tolerance, so that the format cannot drift silently."""
 
 import importlib.util
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -136,3 +137,38 @@ def test_format_md_prints_the_worked_file():
     for key, entry in header.items():
         if key != "__metadata__":
             assert f'"{key}":{json.dumps(entry, separators=(",", ":"))}' in text
+
+
+def test_format_md_worked_values_are_what_the_stored_layer_computes():
+    """Every number of FORMAT.md's worked example, recomputed step by step in float64 from the stored layer (and
+    y by the reference), to the 9 decimals the page prints; then the fp32 digits and the io companion's tokens."""
+    layer, io = load_vector("worked-k3-n2-e2-f32-bias")
+    text = FORMAT_MD.read_text()
+    block = text[text.index("For the token x = [1, 2, -1]"):text.index("In fp32 this y is")]
+    printed = {name: np.array([float(v) for v in body.split(",")])
+               for name, body in re.findall(r"\b(\w+)\s+=\s+\[([^\]]+)\]", block)}
+    assert set(printed) == {"x", "logits", "g", "s_in", "s_out", "xs", "p", "y"}
+    f64 = {name: np.asarray(a, np.float64) for name, a in (("router", layer.router), ("s_in", layer.experts.s_in),
+                                                           ("s_out", layer.experts.s_out), ("bias", layer.bias))}
+    signs = mosbits.unpack(layer.packed, np.float64)
+    x = printed["x"]
+    logits = f64["router"] @ x
+    g = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    steps = {"logits": logits, "g": g, "s_in": g @ f64["s_in"], "s_out": g @ f64["s_out"]}
+    steps["xs"] = x * steps["s_in"]
+    steps["p"] = signs @ steps["xs"]
+    steps["y"] = steps["p"] * steps["s_out"] + f64["bias"]
+    for name, value in steps.items():
+        np.testing.assert_allclose(printed[name], value, rtol=0, atol=5.1e-10, err_msg=name)
+    reference_y = reference.matmul(x, layer.packed, layer.experts, f64["router"], f64["bias"])
+    np.testing.assert_allclose(reference_y, steps["y"], rtol=0, atol=1e-15)
+    fp32 = re.search(r"In fp32 this y is `([^`]+)`", text).group(1)
+    assert fp32 == ", ".join(np.format_float_positional(v) for v in reference_y.astype(np.float32))
+    tokens = re.search(r"also holds the tokens\s+\[([^\]]+)\] \(y = \[([^\]]+)\]\) and \[([^\]]+)\]", text)
+    second, second_y, third = (np.array([float(v) for v in group.split(",")]) for group in tokens.groups())
+    stored = {tuple(row) for row in io["x"].astype(np.float64)}
+    assert {tuple(x), tuple(second), tuple(third)} <= stored
+    np.testing.assert_allclose(reference.matmul(second, layer.packed, layer.experts, f64["router"], f64["bias"]),
+                               second_y, rtol=0, atol=5.1e-10)
+    np.testing.assert_array_equal(reference.matmul(third, layer.packed, layer.experts, f64["router"], f64["bias"]),
+                                  f64["bias"])

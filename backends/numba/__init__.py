@@ -202,13 +202,13 @@ class NumbaLayer:
         x32 = _float32(x).reshape(m, k)
         if path == "gemm" and not self.fast:
             out = arrays.empty(x32, (m, n), np.float32)
-            xs, gates = _kernels.scales(x32, self.router, self.s_in, self.kp)
+            xs, gates = _kernels.scales(x32, self.router, self.s_in, self.kp, arrays.poisoning())
             _gemm(xs, self.data, out)
             _kernels.scale_rows(out, gates, self.s_out, self.bias)
         else:
             np_, codes, run = self.lookup(isa, m <= SERIAL_MAX_M)
             out = arrays.empty(x32, (m, np_), np.float32)
-            run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out)
+            run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
         y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
         if torch_x:
             import torch
@@ -222,7 +222,7 @@ def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:
     matrix) and multiplied by NumPy's BLAS."""
     n, kp = out.shape[1], xs.shape[1]
     rows = max(1, GEMM_TILE_BYTES // (4 * kp))
-    tile = np.empty((min(rows, n), kp), dtype=np.float32)
+    tile = arrays.empty(xs, (min(rows, n), kp), np.float32)
     for n0 in range(0, n, rows):
         count = min(rows, n - n0)
         _kernels.unpack_rows(data, n0, tile[:count])
@@ -243,9 +243,9 @@ def _bf16_gemm(x: Any, layer: NumbaLayer) -> Any:
     kp = 8 * row_bytes(k)
     if kp > k:
         xs16 = torch.nn.functional.pad(xs16, (0, kp - k))
-    bits = np.empty((min(BF16_TILE_ROWS, n), kp), dtype=np.uint16)
+    bits = arrays.empty(layer.data, (min(BF16_TILE_ROWS, n), kp), np.uint16)
     tile = torch.from_numpy(bits).view(torch.bfloat16)
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    y = arrays.empty(x, (x.shape[0], n), torch.bfloat16)
     for n0 in range(0, n, BF16_TILE_ROWS):
         n1 = min(n, n0 + BF16_TILE_ROWS)
         _kernels.unpack_rows_bf16(layer.data, n0, bits[:n1 - n0])

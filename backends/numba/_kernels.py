@@ -92,11 +92,12 @@ def _token_scales(x, router, s_in, xs):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def scales(x, router, s_in, kp):
+def scales(x, router, s_in, kp, poison):
     """The token-adaptive input scales, applied to the inputs.
 
     Args:
-        x: (M, K) float32; router, s_in: (E, K) float32; kp: K padded to 32.
+        x: (M, K) float32; router, s_in: (E, K) float32; kp: K padded to 32; poison: fill the gates with NaN
+            before they are computed (tests, `mosbits.arrays.poisoning`).
 
     Returns:
         xs: (M, Kp) float32, x * (g @ s_in) with g = softmax(x @ router.T), zero past K.
@@ -105,6 +106,8 @@ def scales(x, router, s_in, kp):
     m_count, e_count = x.shape[0], router.shape[0]
     xs = np.zeros((m_count, kp), dtype=np.float32)
     gates = np.empty((m_count, e_count), dtype=np.float32)
+    if poison:
+        gates[:] = np.nan
     for m in prange(m_count):
         gates[m] = _token_scales(x[m], router, s_in, xs[m])
     return xs, gates
@@ -134,10 +137,13 @@ def _group_table(xs, g, table, offset):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def exact_tables(xs):
-    """tables (M, Kp / 4 * 16) float32 of xs (M, Kp): tables[m, 16 g + c] = sum_b SIGN_OF_BIT[c, b] xs[m, 4 g + b]."""
+def exact_tables(xs, poison):
+    """tables (M, Kp / 4 * 16) float32 of xs (M, Kp): tables[m, 16 g + c] = sum_b SIGN_OF_BIT[c, b] xs[m, 4 g + b]
+    (filled with NaN first when ``poison``)."""
     m_count, kp = xs.shape
     tables = np.empty((m_count, kp // 4 * 16), dtype=np.float32)
+    if poison:
+        tables[:] = np.nan
     for m in prange(m_count):
         for g in range(kp // 4):
             _group_table(xs[m], g, tables[m], 16 * g)
@@ -145,8 +151,9 @@ def exact_tables(xs):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def fast_tables(xs):
-    """The int8 tables of the fast mode (`mosbits.precision`) of xs (M, Kp).
+def fast_tables(xs, poison):
+    """The int8 tables of the fast mode (`mosbits.precision`) of xs (M, Kp); with ``poison`` the tables start
+    at -128 (a value rounding never produces: entries lie in [-127, 127]) and the grids at NaN.
 
     Returns:
         tables: (M, Kp / 4 * 16) int8, ``rint(exact table / deltas[m, t])`` for the groups of block t.
@@ -158,6 +165,9 @@ def fast_tables(xs):
     n_blocks = -(-groups // block_groups)
     tables = np.empty((m_count, 16 * groups), dtype=np.int8)
     deltas = np.empty((m_count, n_blocks), dtype=np.float32)
+    if poison:
+        tables[:] = -128
+        deltas[:] = np.nan
     for m in prange(m_count):
         exact = np.empty(16 * block_groups, dtype=np.float32)
         for t in range(n_blocks):
@@ -296,12 +306,12 @@ def fast_kernel(lanes: int):
     return _sweep(f"fast_kernel_{lanes}", _fast_block_template, _simd.byte_ops(lanes), lanes)
 
 
-def _layer_template(x, router, s_in, s_out, bias, kp, codes, out):
-    xs, gates = SCALES(x, router, s_in, kp)
+def _layer_template(x, router, s_in, s_out, bias, kp, codes, out, poison):
+    xs, gates = SCALES(x, router, s_in, kp, poison)
     step = max(1, TABLE_BYTES // (16 * kp))
     for m0 in range(0, x.shape[0], step):
         m1 = min(x.shape[0], m0 + step)
-        KERNEL(TABLES(xs[m0:m1]), codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
+        KERNEL(TABLES(xs[m0:m1], poison), codes, gates[m0:m1], s_out, bias, out[m0:m1], ROW_CHUNK)
 
 
 @functools.cache
@@ -309,7 +319,7 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
     """The whole lookup path of a layer as one compiled call (a call from Python into Numba costs
     microseconds per argument, and at batch 1 a layer takes about 0.1 ms).
 
-    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (N,), kp, codes, out (M, Np)): `scales`, then, per
+    run(x (M, K), router, s_in (E, K), s_out (E, N), bias (N,), kp, codes, out (M, Np), poison): `scales`, then, per
     block of tokens (TABLE_BYTES), `fast_tables` and `fast_kernel(lanes)` or `exact_tables` and `lookup_kernel(lanes)`;
     ``lanes`` 1 means the portable kernels, whose ``codes`` are the format v1 bytes (N, Kp / 8), the SIMD ones take
     row blocks. ``serial`` (for one or two tokens) picks the single-threaded scales and tables and the small row

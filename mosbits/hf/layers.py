@@ -15,6 +15,7 @@ authors do), which maps a weight of exactly 0 to 0; `PackedMoSLinear` holds one 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mosbits
+from mosbits import dispatch
 from mosbits.experts import rank1_abs_factors
 from mosbits.format import row_bytes
 
@@ -185,13 +187,15 @@ class PackedMoSLinear(_MoSShape):
         return self.prepared()(x).to(dtype)
 
     def prepared(self) -> mosbits.PreparedLayer:
-        """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when a
-        buffer is replaced, moved or changed in place (tracked by identity and torch's version counter: the
-        cached layer holds the old tensors, so an identity is never reused while it is cached). Writes that
-        torch does not count (through ``buffer.data`` or a NumPy view of a buffer) are not seen: change
-        buffers with in-place torch ops, ``load_state_dict`` or assignment."""
+        """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when
+        ``precision`` or ``MOSBITS_BACKEND`` changes, and when a buffer is replaced, moved or changed in place
+        (tracked by identity and torch's version counter: the cached layer holds the old tensors, so an identity
+        is never reused while it is cached). Writes that torch does not count (through ``buffer.data`` or a NumPy
+        view of a buffer) are not seen: change buffers with in-place torch ops, ``load_state_dict`` or
+        assignment."""
         buffers = (self.signs, self.s_in, self.s_out, self.router, self.bias)
-        key = (self.precision, *((id(t), t._version) if t is not None else None for t in buffers))
+        key = (self.precision, os.environ.get(dispatch.ENV_VAR),
+               *((id(t), t._version) if t is not None else None for t in buffers))
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != key:
             cached = (key, mosbits.prepare(*self.matmul_args(), precision=self.precision))
