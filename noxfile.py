@@ -16,7 +16,7 @@ BACKEND_EXTRAS = {
     "reference": "test",
     "numba": "test,numba,torch,hf,eval",
     "torch": "test,torch,bench,hf,onnx,eval",
-    "triton": "test,triton",
+    "triton": "test,triton,hf",
 }
 BACKEND_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
 """The Triton kernels run in Triton's interpreter on CPU-only machines; the variable must be set before
