@@ -23,6 +23,7 @@ from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplex
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision
 from mosbits.hf.quantizer import MoSHfQuantizer, check_packed, load, register
 from mosbits.hf.surgery import binarize, pack
+from mosbits.hf.synthetic import random_packed
 
 register()
 
@@ -43,5 +44,6 @@ __all__ = [
     "model_size",
     "pack",
     "perplexity",
+    "random_packed",
     "set_precision",
 ]
