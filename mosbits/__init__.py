@@ -7,13 +7,17 @@
 import importlib
 from typing import Any
 
-from mosbits import backends, reference
-from mosbits.api import matmul
-from mosbits.dispatch import BackendUnavailableError
-from mosbits.experts import Experts
-from mosbits.format import FORMAT_VERSION, PackedSigns, pack, unpack
-from mosbits.io import FormatError, MoSLinearWeights, load, save
-from mosbits.prepared import PreparedLayer, prepare
+from mosbits import threads
+
+threads.apply_defaults()  # before NumPy loads its BLAS: see mosbits/threads.py
+
+from mosbits import backends, reference  # noqa: E402
+from mosbits.api import matmul  # noqa: E402
+from mosbits.dispatch import BackendUnavailableError  # noqa: E402
+from mosbits.experts import Experts  # noqa: E402
+from mosbits.format import FORMAT_VERSION, PackedSigns, pack, unpack  # noqa: E402
+from mosbits.io import FormatError, MoSLinearWeights, load, save  # noqa: E402
+from mosbits.prepared import PreparedLayer, prepare  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -23,18 +23,80 @@ require grad (``backend="auto"`` then uses the torch backend).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import glob
+import importlib.util
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from llvmlite import binding
 
-from mosbits import arrays
+from mosbits import arrays, threads
 from mosbits.backends.numba import _kernels, layout
 from mosbits.format import row_bytes
+
+
+def share_openmp_runtime() -> str:
+    """Make numba's OpenMP layer and torch use one GNU OpenMP runtime (one pool of threads, not two that spin
+    at each other); returns what was done. Runs before numba starts its threads, at this module's import.
+
+    numba's OpenMP layer asks for the system's ``libgomp.so.1.0.0`` by file name, torch for its own bundled
+    ``libgomp.so.1``; but symbols resolve in load order through the global scope, so whichever runtime is loaded
+    globally first serves both. When torch is imported first that is torch's already. When it is installed but
+    not imported yet, its libgomp is loaded globally here (without importing torch), so that numba binds to it
+    now and torch, when it loads, finds it by soname. Nothing is done when numba's threads run already, when
+    NUMBA_THREADING_LAYER picks another layer, or when torch is not installed.
+    """
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        return "numba's threads were running already"
+    if os.environ.get("NUMBA_THREADING_LAYER", "omp") not in ("omp", "default", "safe", "threadsafe"):
+        return f"NUMBA_THREADING_LAYER={os.environ['NUMBA_THREADING_LAYER']}"
+    if "torch" in sys.modules:
+        return "torch was loaded first: numba binds to its libgomp"
+    spec = importlib.util.find_spec("torch")
+    found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libgomp*.so*"))) if spec else []
+    if not found:
+        return "torch is not installed (numba uses the system's libgomp)"
+    ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+    return f"loaded torch's {os.path.basename(found[0])} before numba's threads started"
+
+
+def threading_info() -> dict[str, Any]:
+    """How the thread pools that meet in a mosbits process are set up (shown by ``mosbits bench``).
+
+    Returns:
+        ``numba_layer`` and ``numba_threads``; ``openmp``: the libgomp files loaded and ``openmp_in_use``, the one
+        that serves ``GOMP_parallel`` calls (numba's and torch's); ``shared_runtime``: what
+        `share_openmp_runtime` did; ``defaults``: what `mosbits.threads` set in the environment, or why not;
+        ``torch_threads`` when torch is loaded.
+    """
+    import numba
+
+    numba.get_num_threads()  # starts numba's threads, so that the layer is known
+    with open("/proc/self/maps") as maps:
+        gomps = sorted({line.split()[-1] for line in maps if "libgomp" in line and "/" in line})
+    in_use = ""
+    try:
+        address = ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
+        in_use = next((path for path in gomps
+                       if ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value == address), "")
+    except (AttributeError, OSError):
+        pass
+    info = {"numba_layer": numba.threading_layer(), "numba_threads": numba.get_num_threads(), "openmp": gomps,
+            "openmp_in_use": in_use, "shared_runtime": _SHARED, "defaults": threads.report()}
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info
+
+
+_SHARED = share_openmp_runtime()
 
 ISA_ENV_VAR = "MOSBITS_NUMBA_ISA"
 LANES = {"avx512": 16, "avx2": 8, "portable": 1}

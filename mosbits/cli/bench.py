@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where torch workloads run (default: cpu). On cuda, times come from CUDA events with "
                              "the L2 flushed before each call, and the baselines are cuBLAS fp16/bf16/fp32")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the numba decode call (first shape, M = 1) right after a torch op and a "
+                             "NumPy BLAS call, and those after it: what thread pools do to each other "
+                             "(default: on; needs numba)")
     parser.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also draw time vs batch size (needs matplotlib)")
 
@@ -110,12 +114,21 @@ def run(args: argparse.Namespace) -> int:
     for label, shape in shapes.items():
         for m in batches:
             rows += measure(label, shape, m, backends, residents, args, progress)
+    interleave = None
+    if args.interleave and args.device == "cpu" and "numba" in backends:
+        progress.show("bench: numba decode interleaved with torch and NumPy ...")
+        interleave = workloads.interleaved(next(iter(shapes.values())), args.experts, args.repeats)
     progress.clear()
     info = machine_info(threads, bandwidth, how, args)
     print(info["header"])
     for label in shapes:
         print(f"\n{label} (N x K), E = {args.experts}")
         print(table([r for r in rows if r.shape == label], bandwidth))
+    if interleave:
+        info["interleaved_seconds"] = interleave
+        print(f"\nthread pools: numba decode, {next(iter(shapes))}, M = 1, exact, interleaved "
+              f"(median of {args.repeats} calls)")
+        print(interleave_table(interleave))
     if args.json:
         write_json(args.json, rows, info, bandwidth)
     if args.plot:
@@ -202,6 +215,18 @@ def measure_backend(label: str, shape: tuple[int, int], m: int, backend: str, dt
     return Row(label, m, impl, "mosbits", dtype, timed(work), work.packed_bytes, check, ratio, first)
 
 
+def interleave_table(seconds: dict[str, float]) -> str:
+    """`workloads.interleaved`'s medians, each against the call alone (and the copy, the cache baseline)."""
+    rows = []
+    for case, value in seconds.items():
+        dense = case.split(" after ")[0].removesuffix(" alone") if not case.startswith(("alone", "after")) else ""
+        base = seconds[f"{dense} alone"] if dense else seconds["alone"]
+        copy = "" if dense or "after a copy" not in seconds else f"{value / seconds['after a copy']:.2f}x"
+        label = case if dense else f"mosbits call {case}"
+        rows.append([label, f"{value * 1e3:.3g}", f"{value / base:.2f}x", copy])
+    return format_table(["timed", "ms", "vs alone", "vs after a copy"], rows, "lrrr")
+
+
 def table(rows: list[Row], bandwidth: float) -> str:
     """One shape's rows as text, grouped by M."""
     out = []
@@ -231,6 +256,8 @@ def machine_info(threads: dict[str, int], bandwidth: float, how: str, args: argp
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from mosbits import threads as thread_defaults
+
     versions = {"mosbits": __version__, "numpy": np.__version__, "python": platform.python_version()}
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
@@ -238,8 +265,22 @@ def machine_info(threads: dict[str, int], bandwidth: float, how: str, args: argp
               f"{', '.join(f'{k} {v}' for k, v in threads.items()) or 'library defaults'}\n"
               f"read bandwidth {bandwidth / 1e9:.1f} GB/s ({how}); "
               f"{', '.join(f'{k} {v}' for k, v in versions.items())}; median of <= {args.repeats} calls")
+    threading = _numba_threading()
+    defaults = thread_defaults.report()
+    header += "\nthread pools: " + "; ".join(f"{k} {v}" for k, v in defaults.items())
+    if threading:
+        header += (f"; numba layer {threading['numba_layer']}, OpenMP in use "
+                   f"{threading['openmp_in_use'] or 'unknown'} ({threading['shared_runtime']})")
     return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "bandwidth_bytes_per_s": bandwidth,
-            "bandwidth_method": how, "versions": versions, "experts": args.experts, "header": header}
+            "bandwidth_method": how, "versions": versions, "experts": args.experts, "header": header,
+            "thread_defaults": defaults, "threading": threading}
+
+
+def _numba_threading() -> dict[str, Any]:
+    """`mosbits.backends.numba.threading_info`, when numba is loaded."""
+    if "mosbits.backends.numba" not in sys.modules:
+        return {}
+    return sys.modules["mosbits.backends.numba"].threading_info()
 
 
 def write_json(path: str, rows: list[Row], info: dict[str, Any], bandwidth: float) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -278,3 +280,61 @@ def read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 
         how = f"numpy sum of {nbytes >> 20} MiB float32, 1 thread"
         seconds = median_time(a.sum, repeats)
     return nbytes / seconds, how
+
+
+INTERLEAVE_CASES = ("alone", "after a copy", "after torch", "after NumPy BLAS")
+"""Where the interleaved decode call is timed: back to back; right after a plain copy of as many bytes as the
+dense bf16 weight (the cache baseline: any op that streams that much evicts the layer, pools or not); right after
+a torch bfloat16 matmul of the same shape; right after NumPy's float32 ``x @ W.T`` (OpenBLAS)."""
+
+
+def interleaved(shape: tuple[int, int] = (4096, 4096), e: int = 4, repeats: int = 40,
+                seed: int = 0) -> dict[str, float]:
+    """Median seconds of one numba decode call (M = 1, exact, prepared) in each of `INTERLEAVE_CASES`, and of
+    the dense ops alone and right after the call (keys ``"torch alone"``, ``"torch after mosbits"``, ``"NumPy
+    BLAS alone"``, ``"NumPy BLAS after mosbits"``). What thread pools do to each other after a call shows here,
+    not in the isolated timings; torch's cases are left out when torch is not installed.
+
+    Raises:
+        NotImplementedError: numba is not installed.
+    """
+    if "numba" not in dispatch.available():
+        raise NotImplementedError("the interleaved decode runs the numba backend: pip install 'mosbits[numba]'")
+    n, k = shape
+    rng = np.random.default_rng(seed)
+    layer = random_layer(rng, n, k, e, "numpy", "float32").prepare("numba")
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    source, target = np.ones(2 * n * k, np.uint8), np.empty(2 * n * k, np.uint8)
+    ops: dict[str, Callable[[], Any]] = {"alone": lambda: None, "after a copy": lambda: np.copyto(target, source),
+                                         "after NumPy BLAS": _matmul_closure(x, w.T)}
+    dense = {"NumPy BLAS": ops["after NumPy BLAS"]}
+    if "torch" in dispatch.available():
+        import torch
+
+        xt, wt = torch.from_numpy(x).to(torch.bfloat16), torch.from_numpy(w).to(torch.bfloat16)
+        ops["after torch"] = dense["torch"] = _matmul_closure(xt, wt.T)
+
+    def call() -> None:
+        layer(x)
+
+    for _ in range(10):
+        for op in ops.values():
+            op()
+            call()
+    result = {case: _median_after(ops[case], call, repeats) for case in INTERLEAVE_CASES if case in ops}
+    for name, op in dense.items():
+        result[f"{name} alone"] = _median_after(lambda: None, op, repeats)
+        result[f"{name} after mosbits"] = _median_after(call, op, repeats)
+    return result
+
+
+def _median_after(before: Callable[[], Any], fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn()``, each call timed alone right after an untimed ``before()``."""
+    times = []
+    for _ in range(repeats):
+        before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
