@@ -15,6 +15,7 @@ changing the layer's weights (`mosbits.hf.PackedMoSLinear` does so by itself).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -53,15 +54,20 @@ class PreparedLayer:
         else:
             function = getattr(self._module, precisions.PRECISIONS[self.precision])
             self._run = lambda x: function(x, *self._args)
-        self._x_type, self._x_dtype = type(probe), probe.dtype
+        self._x_type, self._x_dtype, self._k = type(probe), probe.dtype, packed.shape[1]
         self._x_device = probe.device if arrays.is_torch(probe) else None
+        self._recording = sys.modules["torch"].is_grad_enabled if arrays.is_torch(probe) else bool
 
     def __call__(self, x: Any) -> Any:
-        """x (..., K) -> y (..., N), x of the layer's library, device and dtype."""
-        fits = (type(x) is self._x_type and x.dtype == self._x_dtype and x.ndim >= 1
-                and x.shape[-1] == self.shape[1] and getattr(x, "device", None) == self._x_device)
-        if not fits:
-            check_args(x, *self._args)
+        """x (..., K) -> y (..., N), x of the layer's library, device and dtype.
+
+        An input like the one the backend was chosen for (same library, dtype and device; for torch, with
+        autograd off) goes straight to the backend: the backend's ``supports`` already accepted such an input.
+        Any other input is checked in full first."""
+        if (type(x) is self._x_type and x.dtype == self._x_dtype and x.ndim >= 1 and x.shape[-1] == self._k
+                and (self._x_device is None or (x.device == self._x_device and not self._recording()))):
+            return self._run(x)
+        check_args(x, *self._args)
         ok, reason = self._module.supports(x, *self._args)
         if not ok:
             raise ValueError(f"backend {self.backend!r} cannot run this call: {reason}")

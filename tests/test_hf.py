@@ -627,3 +627,35 @@ def test_random_packed_never_holds_the_dense_weights():
     growth = int(out.stdout.split()[-1])
     dense_bf16 = 2 * 2 * (4 * 4096 * 4096 + 3 * 11008 * 4096)
     assert growth < dense_bf16 / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_bytes_per_token_counts_each_part():
+    from mosbits.hf import throughput
+
+    config = tiny_llama().config
+    packed = mh.random_packed(config, num_experts=4, dtype=torch.bfloat16)
+    parts = throughput.bytes_per_token(packed, context=10)
+    signs = sum(m.signs.numel() for m in packed.modules() if isinstance(m, mh.PackedMoSLinear))
+    scales = sum(2 * (m.s_in.numel() + m.s_out.numel() + m.router.numel())
+                 for m in packed.modules() if isinstance(m, mh.PackedMoSLinear))
+    assert parts["packed"] == signs + scales and parts["dense linears"] == 0
+    assert parts["lm_head"] == VOCAB * 64 * 2 and parts["embedding row"] == 64 * 2
+    assert parts["kv cache"] == 2 * 2 * 2 * 16 * 10 * 2  # K and V, 2 layers, 2 kv heads of 16, 10 tokens, bf16
+    assert parts["other"] == (2 * 2 + 1) * 64 * 2  # two norms per block and the final one
+    dense = throughput.dense_twin(config)
+    dense_parts = throughput.bytes_per_token(dense, context=10)
+    linears = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 96 * 64) * 2  # q, o; k, v; gate, up, down; 2 blocks, bf16
+    assert dense_parts["packed"] == 0 and dense_parts["dense linears"] == linears
+
+
+def test_bench_model_mode_on_a_folder(tmp_path, capsys):
+    from mosbits.cli import main
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    assert main(["bench", "--model", str(tmp_path), "--precisions", "exact", "--new-tokens", "3",
+                 "--prefill", "16", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mosbits packed E=4, exact" in out and "transformers dense bf16" in out
+    record = __import__("json").loads((tmp_path / "out.json").read_text())["models"][0]
+    assert record["decode_seconds"] > 0 and record["bytes"]["packed"] > 0 and 0 <= record["kernel_share"] <= 1
+    assert main(["bench", "--model", "no-such-model"]) == 2

@@ -24,8 +24,8 @@ def run(code, **env):
 
 def test_import_sets_the_defaults_where_nothing_else_has():
     report, env = run(REPORT)
-    assert env == {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
-    assert report == {"OPENBLAS_THREAD_TIMEOUT": "set to 4", "GOMP_SPINCOUNT": "set to 10000"}
+    assert env == {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "100000"}
+    assert report == {"OPENBLAS_THREAD_TIMEOUT": "set to 4", "GOMP_SPINCOUNT": "set to 100000"}
 
 
 def test_the_users_settings_win():

@@ -159,13 +159,25 @@ def selected_isa() -> tuple[str | None, str]:
 def selected_path(m: int, isa: str | None, bf16: bool = False) -> tuple[str | None, str]:
     """("lookup" or "gemm", "") for a batch of m tokens (bfloat16 torch tokens if ``bf16``) on ``isa``, or
     (None, why the forced path is unknown)."""
+    forced_path, reason = _forced_path()
+    return (path_for(m, isa, bf16, forced_path), "") if not reason else (None, reason)
+
+
+def _forced_path() -> tuple[str | None, str]:
+    """(the forced path or None, "") or (None, why the forced value is unknown)."""
     forced_path = _forced["path"] or os.environ.get(PATH_ENV_VAR)
-    if not forced_path:
-        gemm = (isa == "portable" and m >= GEMM_MIN_M) or (bf16 and m >= BF16_GEMM_MIN_M)
-        return ("gemm" if gemm else "lookup"), ""
-    if forced_path not in PATHS:
+    if forced_path and forced_path not in PATHS:
         return None, f"{PATH_ENV_VAR}={forced_path!r} is not one of {', '.join(PATHS)}"
-    return forced_path, ""
+    return forced_path or None, ""
+
+
+def path_for(m: int, isa: str | None, bf16: bool, forced_path: str | None) -> str:
+    """The path for m tokens on ``isa``: ``forced_path`` when given, else gemm on CPUs without AVX2 from
+    GEMM_MIN_M tokens and for bfloat16 tokens from BF16_GEMM_MIN_M, else lookup."""
+    if forced_path:
+        return forced_path
+    gemm = (isa == "portable" and m >= GEMM_MIN_M) or (bf16 and m >= BF16_GEMM_MIN_M)
+    return "gemm" if gemm else "lookup"
 
 
 def supports(x: Any, packed: Any, experts: Any, router: Any, bias: Any) -> tuple[bool, str]:
@@ -219,9 +231,14 @@ SERIAL_MAX_M = 2
 
 class NumbaLayer:
     """A layer's parameters as float32 NumPy arrays (views where they already are float32, else copies) and
-    its codes; calling it with x (..., K) runs the layer. The instruction set and path are chosen per call."""
+    its codes; calling it with x (..., K) runs the layer. The instruction set and any forced path
+    (MOSBITS_NUMBA_ISA / MOSBITS_NUMBA_PATH, `forced`) are read when the layer is built; the path is then chosen
+    per call from the batch size."""
 
     def __init__(self, packed: Any, experts: Any, router: Any, bias: Any, fast: bool) -> None:
+        self.isa, isa_reason = selected_isa()
+        self.forced_path, path_reason = _forced_path()
+        self.error = isa_reason or path_reason
         self.n, self.k = packed.shape
         self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
@@ -252,13 +269,13 @@ class NumbaLayer:
 
     def __call__(self, x: Any) -> Any:
         n, k = self.n, self.k
+        if self.error:
+            raise ValueError(self.error)
         m = math.prod(x.shape[:-1])
         torch_x = arrays.is_torch(x)
         bf16 = torch_x and arrays.dtype_name(x) == "bfloat16"
-        isa, reason = selected_isa()
-        path, path_reason = selected_path(m, isa, bf16)
-        if isa is None or path is None:
-            raise ValueError(reason or path_reason)
+        isa = self.isa
+        path = path_for(m, isa, bf16, self.forced_path)
         if bf16 and path == "gemm" and not self.fast:
             return _bf16_gemm(x.reshape(m, k), self).reshape(*x.shape[:-1], n)
         x32 = _float32(x).reshape(m, k)

@@ -86,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the numba decode call (first shape, M = 1) right after a torch op and a "
                              "NumPy BLAS call, and those after it: what thread pools do to each other "
                              "(default: on; needs numba)")
+    parser.add_argument("--model", metavar="NAMES_OR_PATHS",
+                        help="whole-model mode: comma-separated named shapes (smollm2-135m, llama-7b-width) or "
+                             "folders with a config.json; random packed weights (E = --experts, bfloat16) per "
+                             "--precisions, beside the same config dense in bfloat16 (--no-dense to skip); "
+                             "batch-1 greedy decode and a --prefill-token forward")
+    parser.add_argument("--new-tokens", type=int, default=32, help="model mode: tokens generated per run (32)")
+    parser.add_argument("--prefill", type=int, default=512, help="model mode: tokens of the prefill forward (512)")
+    parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                        help="model mode: also run the dense bfloat16 twin (default: on)")
     parser.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also draw time vs batch size (needs matplotlib)")
 
@@ -103,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosbits bench: {err}", file=sys.stderr)
         return 2
     threads = set_threads(args.threads)
+    if args.model:
+        return run_models(args, threads)
     progress = Progress()
     progress.show("bench: measuring memory read bandwidth ...")
     bandwidth, how = workloads.read_bandwidth(args.device)
@@ -138,6 +149,69 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosbits bench: {r.impl} is WRONG at {r.shape}, M={r.m}: max |y - ref| / tolerance = "
               f"{r.err_ratio:.3g}", file=sys.stderr)
     return 1 if wrong else 0
+
+
+def run_models(args: argparse.Namespace, threads: dict[str, int]) -> int:
+    """Whole-model mode (``--model``): one table row per model and implementation (`mosbits.hf.throughput`)."""
+    try:
+        import torch
+
+        import mosbits.hf as mh
+        from mosbits.hf import throughput
+    except ImportError as err:
+        print(f"mosbits bench --model needs the hf extra: pip install 'mosbits[hf,numba]' ({err})", file=sys.stderr)
+        return 2
+    try:
+        configs = {name: throughput.model_config(name) for name in args.model.split(",") if name}
+    except ValueError as err:
+        print(f"mosbits bench: {err}", file=sys.stderr)
+        return 2
+    progress = Progress(len(configs) * (len(args.precision_list) + args.dense))
+    progress.show("bench: measuring memory read bandwidth ...")
+    bandwidth, how = workloads.read_bandwidth()
+    records = []
+    for name, config in configs.items():
+        model = mh.random_packed(config, num_experts=args.experts, dtype=torch.bfloat16)
+        for prec in args.precision_list:
+            progress.step(f"{name}: packed {prec}")
+            mh.set_precision(model, prec)
+            records.append((name, f"mosbits packed E={args.experts}, {prec}", throughput.measure(
+                model, new_tokens=args.new_tokens, prefill=args.prefill)))
+        del model
+        if args.dense:
+            progress.step(f"{name}: dense bfloat16 (transformers)")
+            records.append((name, "transformers dense bf16", throughput.measure(
+                throughput.dense_twin(config), new_tokens=args.new_tokens, prefill=args.prefill)))
+    progress.clear()
+    info = machine_info(threads, bandwidth, how, args)
+    print(info["header"])
+    print(f"\nbatch 1, greedy, {args.new_tokens} new tokens after 8; prefill {args.prefill} tokens; random weights")
+    print(model_table(records, bandwidth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "models": [
+                {"model": name, "impl": impl, **dataclasses.asdict(speed),
+                 "floor_tokens_per_s": speed.floor_tokens_per_s(bandwidth)} for name, impl, speed in records]},
+                f, indent=1)
+    return 0
+
+
+def model_table(records: list[tuple[str, str, Any]], bandwidth: float) -> str:
+    """Decode tokens/s against the bytes-read floor, the parts of those bytes, prefill and peak RSS."""
+    rows = []
+    for name, impl, speed in records:
+        parts = speed.bytes
+        total = sum(parts.values())
+        floor = speed.floor_tokens_per_s(bandwidth)
+        weights = parts["packed"] + parts["dense linears"]
+        rows.append([name, impl, f"{speed.decode_tokens_per_s:.1f}", f"{total / 1e6:.0f}",
+                     f"{weights / total:.0%} / {parts['lm_head'] / total:.0%} / {parts['kv cache'] / total:.0%}",
+                     f"{floor:.1f}", f"{speed.decode_tokens_per_s / floor:.0%}",
+                     f"{speed.kernel_share:.0%}" if "packed" in impl else "-",
+                     f"{speed.prefill_tokens_per_s:.0f}", f"{speed.peak_rss / 2**30:.2f}"])
+    headers = ["model", "implementation", "tok/s", "MB/token", "linears/lm_head/kv", "floor tok/s", "of floor",
+               "in kernels", "prefill tok/s", "peak RSS GiB"]
+    return format_table(headers, rows, "llrrrrrrrr")
 
 
 def set_threads(threads: int | None) -> dict[str, int]:

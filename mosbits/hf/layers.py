@@ -180,11 +180,14 @@ class PackedMoSLinear(_MoSShape):
 
         Inference goes through `prepared`; an input that needs gradients goes through ``mosbits.matmul``, whose
         automatic choice then takes a differentiable backend."""
-        dtype, x = x.dtype, x.to(self.s_in.dtype)
+        dtype = x.dtype
+        if dtype != self.s_in.dtype:
+            x = x.to(self.s_in.dtype)
         if x.requires_grad and torch.is_grad_enabled():
             packed, experts, router, bias = self.matmul_args()
             return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
-        return self.prepared()(x).to(dtype)
+        y = self.prepared()(x)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def prepared(self) -> mosbits.PreparedLayer:
         """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when
@@ -193,9 +196,11 @@ class PackedMoSLinear(_MoSShape):
         is never reused while it is cached). Writes that torch does not count (through ``buffer.data`` or a NumPy
         view of a buffer) are not seen: change buffers with in-place torch ops, ``load_state_dict`` or
         assignment."""
-        buffers = (self.signs, self.s_in, self.s_out, self.router, self.bias)
-        key = (self.precision, os.environ.get(dispatch.ENV_VAR),
-               *((id(t), t._version) if t is not None else None for t in buffers))
+        b = self._buffers
+        signs, s_in, s_out, router, bias = b["signs"], b["s_in"], b["s_out"], b["router"], b["bias"]
+        key = (self.precision, os.environ.get(dispatch.ENV_VAR), id(signs), signs._version, id(s_in),
+               s_in._version, id(s_out), s_out._version, id(router), router is not None and router._version,
+               id(bias), bias is not None and bias._version)
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != key:
             cached = (key, mosbits.prepare(*self.matmul_args(), precision=self.precision))
