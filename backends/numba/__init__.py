@@ -30,6 +30,7 @@ import importlib.util
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,6 +248,9 @@ class NumbaLayer:
         self.kp = 8 * row_bytes(self.k)
         self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any]] = {}
         self._blocks: dict[int, np.ndarray] = {}
+        self.kernel_seconds: list[float] | None = None
+        """When a list (``[0.0]``), each compiled call adds its seconds to element 0 (``mosbits bench --model``'s
+        breakdown: the kernels themselves, without the conversions around them)."""
 
     def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any]:
         """(Np, codes, compiled layer kernel) of the lookup path on ``isa``, kept per layer: at batch 1 the
@@ -287,7 +291,12 @@ class NumbaLayer:
         else:
             np_, codes, run = self.lookup(isa, m <= SERIAL_MAX_M)
             out = arrays.empty(x32, (m, np_), np.float32)
-            run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
+            if self.kernel_seconds is None:
+                run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
+            else:
+                start = time.perf_counter()
+                run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
+                self.kernel_seconds[0] += time.perf_counter() - start
         y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
         if torch_x:
             import torch

@@ -207,10 +207,10 @@ def model_table(records: list[tuple[str, str, Any]], bandwidth: float) -> str:
         rows.append([name, impl, f"{speed.decode_tokens_per_s:.1f}", f"{total / 1e6:.0f}",
                      f"{weights / total:.0%} / {parts['lm_head'] / total:.0%} / {parts['kv cache'] / total:.0%}",
                      f"{floor:.1f}", f"{speed.decode_tokens_per_s / floor:.0%}",
-                     f"{speed.kernel_share:.0%}" if "packed" in impl else "-",
+                     f"{speed.kernel_share:.0%} / {speed.call_share:.0%}" if "packed" in impl else "-",
                      f"{speed.prefill_tokens_per_s:.0f}", f"{speed.peak_rss / 2**30:.2f}"])
     headers = ["model", "implementation", "tok/s", "MB/token", "linears/lm_head/kv", "floor tok/s", "of floor",
-               "in kernels", "prefill tok/s", "peak RSS GiB"]
+               "in kernels / calls", "prefill tok/s", "peak RSS GiB"]
     return format_table(headers, rows, "llrrrrrrrr")
 
 

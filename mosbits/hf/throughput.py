@@ -104,7 +104,10 @@ class Speed:
         decode_seconds: median seconds per generated token (batch 1, greedy, KV cache on).
         prefill_seconds: median seconds of one forward over the prefill tokens.
         prefill_tokens: tokens in that forward.
-        kernel_share: fraction of the decode time spent inside the mosbits backend calls (0 for dense).
+        kernel_share: fraction of the decode time spent inside the mosbits kernels (for numba the compiled call
+            alone; 0 for dense).
+        call_share: fraction spent in the packed layers' backend calls, the kernels with the conversions of
+            x and y around them.
         bytes: `bytes_per_token` at the middle of the timed generation.
         peak_rss: peak resident bytes of the process while the model ran (Linux; 0 elsewhere).
     """
@@ -113,6 +116,7 @@ class Speed:
     prefill_seconds: float
     prefill_tokens: int
     kernel_share: float
+    call_share: float
     bytes: dict[str, int]
     peak_rss: int
 
@@ -143,46 +147,56 @@ def measure(model: nn.Module, prompt: int = 8, new_tokens: int = 32, prefill: in
     reset_peak_rss()
     model.generate(ids, **{**options, "min_new_tokens": 2, "max_new_tokens": 2})
     model(long_ids[:, :16])
-    steps, kernel = [], []
+    steps, kernel, calls = [], [], []
     for _ in range(repeats):
         with kernel_timer(model) as spent:
             start = time.perf_counter()
             model.generate(ids, **options)
             elapsed = time.perf_counter() - start
         steps.append(elapsed / new_tokens)
-        kernel.append(spent[0] / elapsed)
+        kernel.append(spent["kernels"][0] / elapsed)
+        calls.append(spent["calls"][0] / elapsed)
     prefills = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(long_ids, use_cache=False)
         prefills.append(time.perf_counter() - start)
     return Speed(statistics.median(steps), statistics.median(prefills), prefill, statistics.median(kernel),
-                 bytes_per_token(model, prompt + new_tokens // 2), peak_rss())
+                 statistics.median(calls), bytes_per_token(model, prompt + new_tokens // 2), peak_rss())
 
 
 @contextmanager
-def kernel_timer(model: nn.Module) -> Iterator[list[float]]:
-    """Within the block, accumulate into ``spent[0]`` the seconds spent in the backend calls of the model's
-    prepared packed layers (the kernels with their scales and tables; not the layer's Python checks)."""
-    spent = [0.0]
+def kernel_timer(model: nn.Module) -> Iterator[dict[str, list[float]]]:
+    """Within the block, accumulate the seconds spent in the model's packed layers: ``"calls"`` (each prepared
+    layer's backend call, with the conversions of x and y around it) and ``"kernels"`` (for numba, the compiled
+    call alone; for other backends the same as ``"calls"``)."""
+    spent = {"calls": [0.0], "kernels": [0.0]}
     wrapped = []
     for layer in (m for m in model.modules() if isinstance(m, PackedMoSLinear)):
         prepared = layer.prepared()
         run = prepared._run
+        numba_layer = hasattr(run, "kernel_seconds")
+        if numba_layer:
+            run.kernel_seconds = spent["kernels"]
 
-        def timed(x: Any, run: Any = run) -> Any:
+        def timed(x: Any, run: Any = run, numba_layer: bool = numba_layer) -> Any:
             start = time.perf_counter()
             out = run(x)
-            spent[0] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            spent["calls"][0] += seconds
+            if not numba_layer:
+                spent["kernels"][0] += seconds
             return out
 
         prepared._run = timed
-        wrapped.append((prepared, run))
+        wrapped.append((prepared, run, numba_layer))
     try:
         yield spent
     finally:
-        for prepared, run in wrapped:
+        for prepared, run, numba_layer in wrapped:
             prepared._run = run
+            if numba_layer:
+                run.kernel_seconds = None
 
 
 def reset_peak_rss() -> None:
