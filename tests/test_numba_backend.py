@@ -236,3 +236,23 @@ def test_bfloat16_tiles_past_the_first():
     tol = testing.tolerance(args["x"], args["experts"], args["router"], args["bias"], ref, out_dtype="bfloat16",
                             product_dtype="bfloat16")
     testing.assert_within(y, ref, tol, what=f"numba bfloat16 gemm M={m} N={n}")
+
+
+def test_bfloat16_patterns_round_as_torch_rounds():
+    """The bfloat16 lookup path converts in and out inside the compiled call: bit for bit torch's round to
+    nearest even on every finite value and infinity (random bit patterns, ties, subnormals), NaN stays NaN."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    values = np.concatenate([
+        rng.integers(0, 2**32, 200_000, dtype=np.uint32).view(np.float32),
+        np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2.0**-149, -(2.0**-133), 3.4e38, np.inf, -np.inf, 0.0, -0.0,
+                  np.nan], np.float32)])
+    bits = np.empty((1, values.size), np.int16)
+    numba_backend._kernels.float32_to_bfloat16(values[None, :].copy(), values.size, bits)
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
+    finite = ~np.isnan(values)
+    np.testing.assert_array_equal(bits[0][finite], expected[finite])
+    back = np.empty((1, values.size), np.float32)
+    numba_backend._kernels.bfloat16_to_float32(bits, back)
+    np.testing.assert_array_equal(back[0], torch.from_numpy(bits[0]).view(torch.bfloat16).float().numpy())
+    assert np.isnan(back[0][~finite]).all()

@@ -246,22 +246,24 @@ class NumbaLayer:
         self.bias = np.zeros(self.n, np.float32) if bias is None else _float32(bias)
         self.fast = fast
         self.kp = 8 * row_bytes(self.k)
-        self._lookups: dict[tuple[str, bool], tuple[int, np.ndarray, Any]] = {}
+        self._lookups: dict[tuple[str, bool, bool], tuple[int, np.ndarray, Any]] = {}
         self._blocks: dict[int, np.ndarray] = {}
         self.kernel_seconds: list[float] | None = None
         """When a list (``[0.0]``), each compiled call adds its seconds to element 0 (``mosbits bench --model``'s
         breakdown: the kernels themselves, without the conversions around them)."""
 
-    def lookup(self, isa: str, serial: bool) -> tuple[int, np.ndarray, Any]:
-        """(Np, codes, compiled layer kernel) of the lookup path on ``isa``, kept per layer: at batch 1 the
-        Python between two kernels costs as much as the scales and tables together."""
-        found = self._lookups.get((isa, serial))
+    def lookup(self, isa: str, serial: bool, bf16: bool = False) -> tuple[int, np.ndarray, Any]:
+        """(Np, codes, compiled layer kernel) of the lookup path on ``isa`` (for bfloat16 tokens: the kernel
+        that reads and writes 16-bit patterns), kept per layer: at batch 1 the Python between two kernels costs
+        as much as the scales and tables together."""
+        found = self._lookups.get((isa, serial, bf16))
         if found is None:
             lanes = (FAST_LANES if self.fast else LANES)[isa]
             np_ = -(-self.n // lanes) * lanes
             codes = self.data if lanes == 1 else self._row_blocks(lanes)
-            found = (np_, codes, _kernels.layer_kernel(self.fast, lanes, serial))
-            self._lookups[(isa, serial)] = found
+            kernel = _kernels.layer_kernel_bf16 if bf16 else _kernels.layer_kernel
+            found = (np_, codes, kernel(self.fast, lanes, serial))
+            self._lookups[(isa, serial, bf16)] = found
         return found
 
     def _row_blocks(self, lanes: int) -> np.ndarray:
@@ -282,6 +284,8 @@ class NumbaLayer:
         path = path_for(m, isa, bf16, self.forced_path)
         if bf16 and path == "gemm" and not self.fast:
             return _bf16_gemm(x.reshape(m, k), self).reshape(*x.shape[:-1], n)
+        if bf16:
+            return self._lookup_bf16(x, m, path)
         x32 = _float32(x).reshape(m, k)
         if path == "gemm" and not self.fast:
             out = arrays.empty(x32, (m, n), np.float32)
@@ -303,6 +307,26 @@ class NumbaLayer:
 
             return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
         return y.astype(x.dtype, copy=False)
+
+
+    def _lookup_bf16(self, x: Any, m: int, path: str) -> Any:
+        """The lookup path for bfloat16 torch tokens x (..., K): their 16-bit patterns go into the compiled call
+        and y's come out of it (`_kernels.layer_kernel_bf16`), with no torch conversion on either side."""
+        import torch
+
+        bits = x.detach().reshape(m, self.k).contiguous().view(torch.int16).numpy()
+        np_, codes, run = self.lookup(self.isa, m <= SERIAL_MAX_M, bf16=True)
+        out = arrays.empty(self.s_in, (m, np_), np.float32)
+        out_bits = arrays.empty(bits, (m, self.n), np.int16)
+        if self.kernel_seconds is None:
+            run(bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
+                arrays.poisoning())
+        else:
+            start = time.perf_counter()
+            run(bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
+                arrays.poisoning())
+            self.kernel_seconds[0] += time.perf_counter() - start
+        return torch.from_numpy(out_bits).view(torch.bfloat16).reshape(*x.shape[:-1], self.n)
 
 
 def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:

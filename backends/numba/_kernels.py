@@ -337,6 +337,51 @@ def layer_kernel(fast: bool, lanes: int, serial: bool):
                     KERNEL=kernel, ROW_CHUNK=row_chunk)
 
 
+@njit(cache=True)
+def bfloat16_to_float32(bits, out):
+    """out (M, K) float32 = the bfloat16 values whose 16-bit patterns are ``bits`` (M, K) int16 (exact)."""
+    wide = out.view(np.uint32)
+    for m in range(bits.shape[0]):
+        for i in range(bits.shape[1]):
+            wide[m, i] = np.uint32(np.uint16(bits[m, i])) << np.uint32(16)
+
+
+@njit(cache=True)
+def float32_to_bfloat16(values, n, out):
+    """out (M, N) int16 = the bfloat16 patterns of values[:, :n] (float32), rounded to nearest even as torch
+    rounds (bit for bit, checked against torch); a NaN stays a NaN (the quiet 0x7FC0 with its sign)."""
+    wide = values.view(np.uint32)
+    for m in range(out.shape[0]):
+        for i in range(n):
+            u = wide[m, i]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                half = (u >> np.uint32(16)) & np.uint32(0x8000) | np.uint32(0x7FC0)
+            else:
+                half = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            out[m, i] = np.int16(np.uint16(half))
+
+
+def _layer_bf16_template(bits, router, s_in, s_out, bias, kp, codes, out, out_bits, poison):
+    x = np.empty(bits.shape, dtype=np.float32)
+    bfloat16_to_float32(bits, x)
+    LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
+    float32_to_bfloat16(out, out_bits.shape[1], out_bits)
+
+
+LAYER = None
+"""In the bfloat16 layer template: the float32 layer kernel it wraps (bound by `_variant`)."""
+
+
+@functools.cache
+def layer_kernel_bf16(fast: bool, lanes: int, serial: bool):
+    """`layer_kernel` for bfloat16 tokens, in the same compiled call: run(bits (M, K) int16, router, s_in,
+    s_out, bias, kp, codes, out (M, Np) float32 scratch, out_bits (M, N) int16, poison) reads the tokens' 16-bit
+    patterns and writes y's, saving the two torch conversions around a float32 call (about a fifth of a packed
+    SmolLM2-135M decode step, `mosbits bench --model`)."""
+    name = f"layer_bf16_{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
+    return _variant(_layer_bf16_template, name, False, LAYER=layer_kernel(fast, lanes, serial))
+
+
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def _row_scale(gates, s_out, i):
     """(g @ s_out)[i] for one token's gates (E,), summed as `_finish_rows` does."""
