@@ -111,10 +111,10 @@ def save(path: str | os.PathLike, layers: Mapping[str, MoSLinearWeights]) -> Non
         tensors = {key: a.detach().contiguous().cpu() for key, a in tensors.items()}
     else:
         from safetensors.numpy import save as to_bytes
-    _write_atomically(Path(path), to_bytes(tensors, metadata=metadata))
+    write_atomically(Path(path), to_bytes(tensors, metadata=metadata))
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def write_atomically(path: Path, payload: bytes) -> None:
     """Write ``payload`` to a fresh temporary file beside ``path`` (mode 0o666 less the umask, as ``open`` would
     create it), fsync it, rename it over ``path`` and fsync the folder."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"

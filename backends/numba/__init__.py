@@ -266,6 +266,15 @@ class NumbaLayer:
             self._lookups[(isa, serial, bf16)] = found
         return found
 
+    def _compiled(self, run: Any, *args: Any) -> None:
+        """``run(*args)``, a compiled layer call, timed into `kernel_seconds` when that is set."""
+        if self.kernel_seconds is None:
+            run(*args)
+            return
+        start = time.perf_counter()
+        run(*args)
+        self.kernel_seconds[0] += time.perf_counter() - start
+
     def _row_blocks(self, lanes: int) -> np.ndarray:
         """`layout.row_blocks` of this layer's signs, derived once per lane width and kept by this layer only."""
         found = self._blocks.get(lanes)
@@ -295,12 +304,8 @@ class NumbaLayer:
         else:
             np_, codes, run = self.lookup(isa, m <= SERIAL_MAX_M)
             out = arrays.empty(x32, (m, np_), np.float32)
-            if self.kernel_seconds is None:
-                run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
-            else:
-                start = time.perf_counter()
-                run(x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, arrays.poisoning())
-                self.kernel_seconds[0] += time.perf_counter() - start
+            self._compiled(run, x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out,
+                           arrays.poisoning())
         y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
         if torch_x:
             import torch
@@ -318,14 +323,8 @@ class NumbaLayer:
         np_, codes, run = self.lookup(self.isa, m <= SERIAL_MAX_M, bf16=True)
         out = arrays.empty(self.s_in, (m, np_), np.float32)
         out_bits = arrays.empty(bits, (m, self.n), np.int16)
-        if self.kernel_seconds is None:
-            run(bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
-                arrays.poisoning())
-        else:
-            start = time.perf_counter()
-            run(bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
-                arrays.poisoning())
-            self.kernel_seconds[0] += time.perf_counter() - start
+        self._compiled(run, bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
+                       arrays.poisoning())
         return torch.from_numpy(out_bits).view(torch.bfloat16).reshape(*x.shape[:-1], self.n)
 
 

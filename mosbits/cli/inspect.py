@@ -22,7 +22,7 @@ from typing import Any
 
 from mosbits import arrays
 from mosbits.format import FORMAT_VERSION
-from mosbits.io import FormatError, MoSLinearWeights, load
+from mosbits.io import FormatError, MoSLinearWeights, check_header, load
 from mosbits.perf.tables import format_table
 
 SUMMARY = "list and validate the layers of a mosbits file"
@@ -132,14 +132,11 @@ def describe(path: str | os.PathLike) -> FileInfo:
 
 def _declares_bfloat16(path: Path) -> bool:
     """Whether the header declares a BF16 tensor; False when it cannot be read (`load` then says why)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="numpy") as f:
-            keys = list(f.keys())
-            return any(f.get_slice(key).get_dtype() == "BF16" for key in keys)
-    except Exception:
+        header = check_header(path)
+    except (FormatError, OSError):
         return False
+    return any(entry["dtype"] == "BF16" for key, entry in header.items() if key != "__metadata__")
 
 
 def _layer_info(name: str, layer: MoSLinearWeights) -> LayerInfo:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from mosbits.io import write_atomically
 
 MODEL_TYPE = "mosbits"
 BASE_KEY = "mosbits_base_model_type"
@@ -108,17 +109,8 @@ def finish_folder(directory: str | os.PathLike) -> None:
         config[BASE_KEY] = config.get("model_type")
     config["model_type"] = MODEL_TYPE
     config["auto_map"] = dict(AUTO_MAP)
-    _write_atomic(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _write_atomic(directory / f"{MODULE}.py", REMOTE_SOURCE)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(directory / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(directory / f"{MODULE}.py", REMOTE_SOURCE.encode())
 
 
 def base_config(path: str | os.PathLike, keep_auto_map: bool = False, **hub_kwargs: Any) -> PretrainedConfig:
