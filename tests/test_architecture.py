@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {"mosbits": "mosbits", "mosbits.backends": "backends", "mosbits.reference": "reference"}
 """Import name -> folder, as pyproject.toml's package-dir maps them."""
 CORE = {"mosbits", "mosbits.api", "mosbits.arrays", "mosbits.dispatch", "mosbits.experts", "mosbits.format",
-        "mosbits.io", "mosbits.precision", "mosbits.prepared", "mosbits.testing", "mosbits.backends"}
+        "mosbits.io", "mosbits.precision", "mosbits.prepared", "mosbits.testing", "mosbits.threads",
+        "mosbits.backends"}
 """The modules a runtime or kernel author needs; ``mosbits.backends`` is the registry's package, not a backend."""
 ABOVE_CORE = ("mosbits.hf", "mosbits.cli", "mosbits.perf", "mosbits.export")
 """The layers built on the core: the training adapter, the command line, benchmark support, ONNX export."""
