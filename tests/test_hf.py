@@ -490,6 +490,7 @@ def char_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", eos_token="[EOS]")
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")  # lm-eval passes the folder's own
 def test_lm_eval_loads_a_packed_folder_with_trust_remote_code(tmp_path):
     """What ``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` does: lm-eval's HFLM
     loads the folder by path and scores log-likelihoods equal to those of the model `mosbits.hf.load` returns."""
