@@ -660,3 +660,21 @@ def test_bench_model_mode_on_a_folder(tmp_path, capsys):
     record = __import__("json").loads((tmp_path / "out.json").read_text())["models"][0]
     assert record["decode_seconds"] > 0 and record["bytes"]["packed"] > 0 and 0 <= record["kernel_share"] <= 1
     assert main(["bench", "--model", "no-such-model"]) == 2
+
+
+def test_a_pickled_packed_model_still_saves_a_mosbits_folder(tmp_path):
+    """torch.save / torch.load (pickle) keeps the config's mark: the reloaded model saves a folder that refuses
+    to load as a dense model, not a plain Llama folder with random linears."""
+    import io
+    import json
+
+    _, student = teacher_and_student("llama")
+    mh.pack(student)
+    buffer = io.BytesIO()
+    torch.save(student, buffer)
+    buffer.seek(0)
+    copy_ = torch.load(buffer, weights_only=False)
+    assert type(copy_.config).__name__ == "LlamaConfig"
+    copy_.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mosbits"
+    assert torch.equal(logits(mh.load(tmp_path), batch()), logits(student, batch()))

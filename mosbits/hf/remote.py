@@ -79,18 +79,37 @@ def mark(model: Any) -> Any:
     """Make ``save_pretrained`` of ``model`` write the mosbits folder (module docstring); return ``model``.
 
     Swaps ``model.config``'s class, on this instance only, for a subclass of the same name that overrides
-    ``save_pretrained``; idempotent."""
-    config = model.config
+    ``save_pretrained`` (and survives pickling, so ``torch.save`` / ``torch.load`` of the model keeps it);
+    idempotent."""
+    mark_config(model.config)
+    return model
+
+
+def mark_config(config: PretrainedConfig) -> PretrainedConfig:
+    """`mark` for a config alone; returns it."""
     base = type(config)
     if base in _MARKED.values():
-        return model
+        return config
     if base not in _MARKED:
         _MARKED[base] = type(base.__name__, (base,), {"save_pretrained": _save_pretrained,
+                                                      "__reduce_ex__": _reduce_marked,
                                                       "__module__": base.__module__,
                                                       "__qualname__": base.__qualname__,
                                                       "__doc__": base.__doc__})
     config.__class__ = _MARKED[base]
-    return model
+    return config
+
+
+def _reduce_marked(self: PretrainedConfig, protocol: int) -> tuple[Any, tuple[Any, ...]]:
+    """Pickle a marked config as its base class and state, marked again when unpickled (the subclass itself has
+    no importable name)."""
+    return _unpickle_marked, (type(self).__bases__[0], dict(self.__dict__))
+
+
+def _unpickle_marked(base: type, state: dict[str, Any]) -> PretrainedConfig:
+    config = base.__new__(base)
+    config.__dict__.update(state)
+    return mark_config(config)
 
 
 def _save_pretrained(self: PretrainedConfig, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
