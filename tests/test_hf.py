@@ -611,18 +611,15 @@ def test_random_packed_never_holds_the_dense_weights():
     """Two LLaMA-7B-width blocks (dense bf16 decoder: 808 MB) build within a fraction of that: peak RSS growth,
     measured in a fresh process with /proc's high-water mark reset after the imports."""
     script = textwrap.dedent("""
-        import re, torch, transformers
+        import transformers
         import mosbits.hf as mh
-        def peak():
-            return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
-        def rss():
-            return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
+        from mosbits.hf.throughput import peak_rss, reset_peak_rss
         config = transformers.LlamaConfig(vocab_size=256, hidden_size=4096, intermediate_size=11008,
                                           num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32)
-        open("/proc/self/clear_refs", "w").write("5")
-        before = rss()
+        reset_peak_rss()
+        before = peak_rss()
         model = mh.random_packed(config, num_experts=4)
-        print(peak() - before)
+        print(peak_rss() - before)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth = int(out.stdout.split()[-1])

@@ -294,7 +294,7 @@ class NumbaLayer:
         if bf16 and path == "gemm" and not self.fast:
             return _bf16_gemm(x.reshape(m, k), self).reshape(*x.shape[:-1], n)
         if bf16:
-            return self._lookup_bf16(x, m, path)
+            return self._lookup_bf16(x, m)
         x32 = _float32(x).reshape(m, k)
         if path == "gemm" and not self.fast:
             out = arrays.empty(x32, (m, n), np.float32)
@@ -313,8 +313,7 @@ class NumbaLayer:
             return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
         return y.astype(x.dtype, copy=False)
 
-
-    def _lookup_bf16(self, x: Any, m: int, path: str) -> Any:
+    def _lookup_bf16(self, x: Any, m: int) -> Any:
         """The lookup path for bfloat16 torch tokens x (..., K): their 16-bit patterns go into the compiled call
         and y's come out of it (`_kernels.layer_kernel_bf16`), with no torch conversion on either side."""
         import torch
