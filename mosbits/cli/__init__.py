@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from mosbits import __version__
-from mosbits.cli import bench, binarize, convert, demo, inspect
+from mosbits.cli import bench, binarize, calibrate, convert, demo, inspect
 
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "bench": bench,
     "inspect": inspect,
     "binarize": binarize,
+    "calibrate": calibrate,
     "convert-binarymos": convert,
 }
 

@@ -16,11 +16,12 @@ as a dense model with random weights. `load` loads and checks.
 Needs torch and transformers (``pip install 'mosbits[hf]'``); ``import mosbits`` alone imports neither.
 """
 
+from mosbits.hf.calibration import CalibrationReport, calibrate
 from mosbits.hf.checkpoints import convert_binarymos
 from mosbits.hf.config import MoSConfig
 from mosbits.hf.distillation import DistillationTrainer, distill, distillation_loss
 from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplexity
-from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision
+from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision, trainable_scales
 from mosbits.hf.quantizer import MoSHfQuantizer, check_packed, load, register
 from mosbits.hf.surgery import binarize, pack
 from mosbits.hf.synthetic import random_packed
@@ -28,6 +29,7 @@ from mosbits.hf.synthetic import random_packed
 register()
 
 __all__ = [
+    "CalibrationReport",
     "DistillationTrainer",
     "MoSConfig",
     "MoSHfQuantizer",
@@ -35,6 +37,7 @@ __all__ = [
     "ModelSize",
     "PackedMoSLinear",
     "binarize",
+    "calibrate",
     "check_packed",
     "convert_binarymos",
     "distill",
@@ -46,4 +49,5 @@ __all__ = [
     "perplexity",
     "random_packed",
     "set_precision",
+    "trainable_scales",
 ]

@@ -137,8 +137,8 @@ def token_blocks(tokenizer: Any, texts: str | Sequence[str], seq_len: int) -> to
     return ids[: count * seq_len].view(count, seq_len)
 
 
-def distill(student: nn.Module, teacher: nn.Module, texts: str | Sequence[str], *, tokenizer: Any = None,
-            steps: int = 100, lr: float = 2e-5, seq_len: int = 256, batch_size: int = 2,
+def distill(student: nn.Module, teacher: nn.Module, texts: str | Sequence[str] | torch.Tensor, *,
+            tokenizer: Any = None, steps: int = 100, lr: float = 2e-5, seq_len: int = 256, batch_size: int = 2,
             gradient_accumulation_steps: int = 1, seed: int = 0, kl_weight: float = KL_WEIGHT,
             mse_weight: float = MSE_WEIGHT, bf16: bool = False, gradient_checkpointing: bool = False,
             output_dir: str | None = None, **training_args: Any) -> list[float]:
@@ -150,7 +150,8 @@ def distill(student: nn.Module, teacher: nn.Module, texts: str | Sequence[str], 
     Args:
         student: the model from `mosbits.hf.binarize`, trained in place.
         teacher: the full-precision model.
-        texts: training text(s), cut into blocks of seq_len tokens (`token_blocks`).
+        texts: training text(s), cut into blocks of seq_len tokens (`token_blocks`), or token ids already cut,
+            an int64 tensor (num_blocks, seq_len) (then ``tokenizer`` and ``seq_len`` are not used).
         tokenizer: the teacher's tokenizer; default ``AutoTokenizer.from_pretrained(teacher.name_or_path)``.
         steps: optimizer steps; each sees batch_size * gradient_accumulation_steps blocks (cycling the data).
         lr, seq_len, batch_size, gradient_accumulation_steps, seed, bf16, gradient_checkpointing: as named
@@ -163,11 +164,18 @@ def distill(student: nn.Module, teacher: nn.Module, texts: str | Sequence[str], 
     Returns:
         The loss of every step.
     """
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    if isinstance(texts, torch.Tensor):
+        if texts.ndim != 2 or texts.dtype != torch.long:
+            raise ValueError(f"texts as token ids must be int64 (num_blocks, seq_len), got {texts.dtype} "
+                             f"{tuple(texts.shape)}")
+        blocks = texts
+    else:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(teacher.name_or_path)
-    dataset = TokenBlocks(token_blocks(tokenizer, texts, seq_len))
+            tokenizer = AutoTokenizer.from_pretrained(teacher.name_or_path)
+        blocks = token_blocks(tokenizer, texts, seq_len)
+    dataset = TokenBlocks(blocks)
     with tempfile.TemporaryDirectory(prefix="mosbits-distill-") as tmp:
         options = {
             "output_dir": output_dir or tmp, "max_steps": steps, "per_device_train_batch_size": batch_size,

@@ -142,6 +142,9 @@ class PackedMoSLinear(_MoSShape):
         router: (E, K) in the layer's dtype; None when E = 1 (then the gate is 1 and a zero router stands in).
         bias: (N,) or None.
 
+    `trainable_scales` turns s_in, s_out and router into trainable ``nn.Parameter``s (same names, same
+    ``state_dict``) and back; the signs never train.
+
     Attribute ``precision`` ("exact" by default, or "fast": `mosbits.precision`) is the ``precision=`` of its
     calls; `set_precision` sets it for a whole model. It is not saved.
     """
@@ -178,12 +181,13 @@ class PackedMoSLinear(_MoSShape):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) in any float dtype -> y (..., N) in x's dtype, computed in the layer's dtype.
 
-        Inference goes through `prepared`; an input that needs gradients goes through ``mosbits.matmul``, whose
-        automatic choice then takes a differentiable backend."""
+        Inference goes through `prepared`; an input that needs gradients, or scales being trained
+        (`trainable_scales`), go through ``mosbits.matmul``, whose automatic choice then takes a differentiable
+        backend."""
         dtype = x.dtype
         if dtype != self.s_in.dtype:
             x = x.to(self.s_in.dtype)
-        if x.requires_grad and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (x.requires_grad or self.s_in.requires_grad):
             packed, experts, router, bias = self.matmul_args()
             return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
         y = self.prepared()(x)
@@ -196,8 +200,7 @@ class PackedMoSLinear(_MoSShape):
         is never reused while it is cached). Writes that torch does not count (through ``buffer.data`` or a NumPy
         view of a buffer) are not seen: change buffers with in-place torch ops, ``load_state_dict`` or
         assignment."""
-        b = self._buffers
-        signs, s_in, s_out, router, bias = b["signs"], b["s_in"], b["s_out"], b["router"], b["bias"]
+        signs, s_in, s_out, router, bias = self.signs, self.s_in, self.s_out, self.router, self.bias
         key = (self.precision, os.environ.get(dispatch.ENV_VAR), id(signs), signs._version, id(s_in),
                s_in._version, id(s_out), s_out._version, id(router), router is not None and router._version,
                id(bias), bias is not None and bias._version)
@@ -229,4 +232,31 @@ def set_precision(model: nn.Module, precision: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, PackedMoSLinear)]
     for layer in layers:
         layer.precision = precision
+    return len(layers)
+
+
+TRAINABLE = ("s_in", "s_out", "router")
+
+
+def trainable_scales(model: nn.Module, enabled: bool = True) -> int:
+    """Make the scales and routers of every `PackedMoSLinear` in ``model`` trainable ``nn.Parameter``s
+    (``enabled``), or plain buffers again; returns how many layers there are.
+
+    The signs stay frozen bits. While enabled, ``model.parameters()`` yields the scales (for an optimizer, a
+    ``transformers.Trainer`` or `mosbits.hf.distill`), and a forward under autograd runs on the differentiable
+    torch backend; ``state_dict`` keys do not change either way. A model loaded packed in float16 or bfloat16
+    trains its scales in that dtype: load it in float32 to train them at full precision.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PackedMoSLinear)]
+    for layer in layers:
+        for name in TRAINABLE:
+            tensor = getattr(layer, name)
+            if tensor is None:
+                continue
+            layer._parameters.pop(name, None)
+            layer._buffers.pop(name, None)
+            if enabled:
+                layer.register_parameter(name, nn.Parameter(tensor.detach(), requires_grad=True))
+            else:
+                layer.register_buffer(name, tensor.detach())
     return len(layers)

@@ -1,0 +1,273 @@
+"""mosbits.hf.calibrate: block-by-block post-training BinaryMoS, on tiny random Llama, OPT and GPT-2 models."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+import mosbits
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+mh = pytest.importorskip("mosbits.hf")
+from test_hf import MODELS, TEXT, char_tokenizer  # noqa: E402
+
+from mosbits.hf import calibration  # noqa: E402
+
+SMALL = {"samples": 4, "seq_len": 16, "steps_per_block": 12, "batch_size": 2}
+"""A calibration set of 4 windows of 16 tokens and 12 Adam steps per block: a second per model."""
+
+
+def calibrated(arch="llama", progress=False, **settings):
+    torch.manual_seed(0)
+    model = MODELS[arch]().eval()
+    report = mh.calibrate(model, TEXT, tokenizer=char_tokenizer(), progress=progress, **{**SMALL, **settings})
+    return model, report
+
+
+def mos_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, mh.MoSLinear | mh.PackedMoSLinear)}
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def interrupt_at_block(monkeypatch, index):
+    """Make calibration stop (KeyboardInterrupt) when it starts training block ``index``."""
+    reconstruct, calls = calibration._reconstruct, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == index + 1:
+            raise KeyboardInterrupt
+        return reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_reconstruct", interrupted)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_calibrate_packs_every_block_linear_and_training_lowers_the_error(arch):
+    model, report = calibrated(arch)
+    layers = mos_layers(model)
+    assert layers and all(isinstance(m, mh.PackedMoSLinear) for m in layers.values())
+    assert model.config.quantization_config.modules == list(layers)
+    assert model.config.quantization_config.packed
+    assert [r.name for r in report.blocks] == calibration.decoder_blocks(model)
+    for result in report.blocks:
+        assert result.packed < 0.7 * result.start, result
+    _, untrained = calibrated(arch, steps_per_block=0)
+    assert report.blocks[-1].packed < 0.7 * untrained.blocks[-1].packed
+
+
+def test_with_no_steps_the_packed_error_is_the_start_error():
+    """Steps 0: the block is the paper's start, packed; the two errors are measured on the same stream by
+    different code (the MoSLinear before packing, the student pass after), so they must agree."""
+    _, report = calibrated(steps_per_block=0)
+    for result in report.blocks:
+        assert result.packed == pytest.approx(result.start, rel=1e-5)
+
+
+def test_the_reported_error_is_the_whole_models_error_at_the_last_block():
+    """The student stream after the last block equals the calibrated model's own last-block output, the teacher
+    stream the dense model's: the reported error, recomputed from two plain forwards."""
+    torch.manual_seed(0)
+    teacher = MODELS["llama"]().eval()
+    student = MODELS["llama"]()
+    student.load_state_dict(teacher.state_dict())
+    report = mh.calibrate(student, TEXT, tokenizer=char_tokenizer(), progress=False, **SMALL)
+    ids = calibration.calibration_windows(char_tokenizer(), TEXT, SMALL["samples"], SMALL["seq_len"])
+    outputs = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        last = model.get_submodule(calibration.decoder_blocks(model)[-1])
+        handle = last.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(
+            name, (out[0] if isinstance(out, tuple) else out).double()))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        handle.remove()
+    error = float((outputs["student"] - outputs["teacher"]).pow(2).sum() / outputs["teacher"].pow(2).sum())
+    assert report.blocks[-1].packed == pytest.approx(error, rel=1e-4)
+
+
+def test_the_folder_reloads_bit_exactly_and_a_rerun_is_refused(tmp_path):
+    out = tmp_path / "run"
+    model, _ = calibrated(out=out)
+    reloaded = mh.load(out)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    manifest = json.loads((out / "calibration" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["blocks"]) == 2
+    assert sorted(p.name for p in (out / "calibration").iterdir()) == ["manifest.json"]
+    with pytest.raises(ValueError, match="already holds the finished model"):
+        calibrated(out=out)
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_block_and_ends_the_same(tmp_path, monkeypatch):
+    whole, _ = calibrated()
+    interrupt_at_block(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated(out=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == ["block-0000.safetensors",
+                                                                           "manifest.json"]
+    monkeypatch.undo()
+    resumed, report = calibrated(out=tmp_path)
+    assert [r.resumed for r in report.blocks] == [True, False]
+    assert_same_state(whole, resumed)
+
+
+def test_a_folder_of_another_run_or_not_a_calibration_is_refused(tmp_path, monkeypatch):
+    interrupt_at_block(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated(out=tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="different calibration run"):
+        calibrated(out=tmp_path / "run", num_experts=2)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a mosbits calibration folder"):
+        calibrated(out=tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_corrupt_block_checkpoint_is_named(tmp_path, monkeypatch):
+    interrupt_at_block(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated(out=tmp_path)
+    path = tmp_path / "calibration" / "block-0000.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"block-0000\.safetensors of a finished block cannot be read"):
+        calibrated(out=tmp_path)
+
+
+@pytest.mark.parametrize(("settings", "error", "match"), [
+    ({"num_experts": 0}, ValueError, "num_experts must be >= 1"),
+    ({"samples": 0}, ValueError, "samples must be an int >= 1"),
+    ({"steps_per_block": -1}, ValueError, "steps_per_block"),
+    ({"lr": float("nan")}, ValueError, "lr must be a finite float"),
+    ({"distill_steps": -2}, ValueError, "distill_steps"),
+    ({"samples": 1000}, ValueError, r"holds \d+ tokens; samples x seq_len = 1000 x 16 = 16000 are needed"),
+])
+def test_bad_settings_are_named(settings, error, match):
+    with pytest.raises(error, match=match):
+        calibrated(**settings)
+
+
+def test_bad_models_and_data_are_named():
+    model, _ = calibrated()
+    with pytest.raises(ValueError, match="already holds MoSLinear"):
+        mh.calibrate(model, TEXT, tokenizer=char_tokenizer())
+    with pytest.raises(ValueError, match="has no decoder blocks"):
+        mh.calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4)), TEXT, tokenizer=char_tokenizer())
+    with pytest.raises(TypeError, match="data must be a str"):
+        calibration.calibration_windows(char_tokenizer(), 42, 1, 4)
+    with pytest.raises(TypeError, match="data item 1 is a int"):
+        calibration.calibration_windows(char_tokenizer(), ["some text here", 7], 100, 4)
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records the length of every text it is given."""
+
+    def __init__(self):
+        self.inner, self.lengths = char_tokenizer(), []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.inner(text, **kwargs)
+
+
+def test_calibration_text_is_read_in_chunks_and_only_as_far_as_needed(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "TEXT_CHUNK_CHARS", 500)
+    lines = [f"line {i} of the calibration text." for i in range(400)]
+    text = "\n".join(lines)
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    consumed = []
+
+    def stream():
+        for line in lines:
+            consumed.append(line)
+            yield {"text": line}
+
+    need = 1000
+    expected = torch.tensor(char_tokenizer()(text, add_special_tokens=False)["input_ids"][:need])
+    for data in (text, path):
+        tokenizer = CountingTokenizer()
+        ids = calibration.calibration_windows(tokenizer, data, 10, 100)
+        assert torch.equal(ids.flatten(), expected), type(data)
+        assert max(tokenizer.lengths) <= 500 + 40 and sum(tokenizer.lengths) < 1500
+    ids = calibration.calibration_windows(CountingTokenizer(), stream(), 10, 100)
+    assert ids.shape == (10, 100)
+    assert len(consumed) < 60
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_dict({"text": lines})
+    joined = torch.tensor(char_tokenizer()("\n\n".join(lines), add_special_tokens=False)["input_ids"][:need])
+    assert torch.equal(calibration.calibration_windows(char_tokenizer(), dataset, 10, 100).flatten(), joined)
+
+
+def test_disk_backed_activations_give_the_same_model_and_are_deleted(tmp_path):
+    in_ram, _ = calibrated()
+    on_disk, _ = calibrated(offload_dir=tmp_path)
+    assert_same_state(in_ram, on_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trainable_scales_train_scales_and_routers_but_never_signs():
+    model, _ = calibrated()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert mh.trainable_scales(model) == 14
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{name}.{t}" for name in mos_layers(model) for t in ("s_in", "s_out", "router")}
+    assert model.state_dict().keys() == before.keys()
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    mh.trainable_scales(model, False)
+    assert not any(p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        assert changed == key.endswith((".s_in", ".s_out", ".router")), key
+    layer = next(iter(mos_layers(model).values()))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        prepared = layer(x)
+        direct = mosbits.matmul(x, *layer.matmul_args()[:3], bias=layer.bias, backend="torch")
+    torch.testing.assert_close(prepared, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_on_top_moves_scales_only():
+    plain, _ = calibrated()
+    distilled, report = calibrated(distill_steps=3)
+    assert len(report.distill_losses) == 3 and "distill" in report.seconds
+    a, b = plain.state_dict(), distilled.state_dict()
+    for key in a:
+        if key.endswith(".signs"):
+            assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".s_in"))
+    assert not any(p.requires_grad for p in distilled.parameters())
+
+
+def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
+    from mosbits.cli import calibrate as command
+
+    torch.manual_seed(0)
+    MODELS["llama"]().save_pretrained(tmp_path / "dense")
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text("\n".join(TEXT[i:i + 60] for i in range(0, len(TEXT), 60)))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "dense"), "--text", str(tmp_path / "text.txt"),
+                              "--samples", "4", "--seq-len", "16", "--steps-per-block", "3", "--eval-windows", "2",
+                              "--experts", "2", "--out", str(tmp_path / "out")])
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out perplexity" in out and "outputs identical" in out and "model.layers.1" in out
+    assert command.run(args) == 1
+    assert "already holds the finished model" in capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")
