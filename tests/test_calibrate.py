@@ -271,3 +271,18 @@ def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
     assert command.run(args) == 1
     assert "already holds the finished model" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_a_loaded_packed_model_distils_its_scales_through_the_trainer(tmp_path):
+    """A folder loaded with from_pretrained (so with transformers' quantizer attached) is accepted by
+    ``transformers.Trainer`` once its scales are trainable; its signs do not move."""
+    teacher = MODELS["llama"]().eval()
+    model, _ = calibrated(out=tmp_path)
+    loaded = mh.load(tmp_path)
+    assert mh.trainable_scales(loaded) == 14
+    ids = calibration.calibration_windows(char_tokenizer(), TEXT, 4, 16)
+    losses = mh.distill(loaded, teacher, ids, steps=2, lr=1e-3, batch_size=2)
+    assert len(losses) == 2
+    before, after = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(".signs"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".s_out"))

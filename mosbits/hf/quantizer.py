@@ -77,7 +77,14 @@ class MoSHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return not self.quantization_config.packed
+        """A student trains its MoSLinear layers; a packed model its scales and routers, once
+        `mosbits.hf.trainable_scales` made them parameters (the signs stay frozen bits)."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Trainer may train the model itself, with no adapters attached (see `is_trainable`)."""
+        return True
 
 
 def register() -> None:
