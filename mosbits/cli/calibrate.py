@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.cli.binarize import _load_model, _load_texts, _non_negative_int, _positive_int
+from mosbits.cli.options import non_negative_int, positive_int
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "post-training BinaryMoS, block by block, of a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -38,25 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", type=Path, default=None,
                         help="a UTF-8 text file: calibration windows from its first 90%%, perplexity on the rest "
                              "(default: Python's documentation topics, every 8th held out)")
-    parser.add_argument("--experts", type=_positive_int, default=4, help="experts E per layer (default: 4)")
-    parser.add_argument("--samples", type=_positive_int, default=64,
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts E per layer (default: 4)")
+    parser.add_argument("--samples", type=positive_int, default=64,
                         help="calibration windows N (default: 64)")
-    parser.add_argument("--seq-len", type=_positive_int, default=256,
+    parser.add_argument("--seq-len", type=positive_int, default=256,
                         help="tokens L per calibration and evaluation window (default: 256)")
-    parser.add_argument("--steps-per-block", type=_non_negative_int, default=60,
-                        help="Adam steps per decoder block; 0: the paper's start, packed (default: 60)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="windows per step (default: 4)")
+    parser.add_argument("--steps-per-block", type=non_negative_int, default=120,
+                        help="Adam steps per decoder block; 0: the paper's start, packed (default: 120)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: 4)")
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of scales and routers (default: 1e-2)")
     parser.add_argument("--latent-lr", type=float, default=1e-3,
                         help="learning rate of the latent weights (default: 1e-3)")
-    parser.add_argument("--distill-steps", type=_non_negative_int, default=0,
-                        help="end-to-end distillation steps of the packed scales and routers (default: 0)")
+    parser.add_argument("--distill-steps", type=non_negative_int, default=40,
+                        help="end-to-end distillation steps (KL) of the packed scales and routers; they need a "
+                             "second copy of the dense model in memory as teacher; 0: none (default: 40)")
     parser.add_argument("--distill-lr", type=float, default=5e-4, help="its learning rate (default: 5e-4)")
     parser.add_argument("--device", default=None, help="where each block trains (default: cuda if available)")
     parser.add_argument("--offload-dir", type=Path, default=None,
                         help="keep the calibration activations in disk-backed arrays in this folder")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--eval-windows", type=_non_negative_int, default=16,
+    parser.add_argument("--eval-windows", type=non_negative_int, default=16,
                         help="held-out windows of --seq-len tokens for each perplexity; 0: all (default: 16)")
     parser.add_argument("--out", type=Path, default=Path("mosbits-calibrated"),
                         help="folder for checkpoints and the packed model (default: ./mosbits-calibrated)")
@@ -72,17 +73,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import mosbits.hf as mh
+    from mosbits.hf import defaults
 
     wall = time.perf_counter()
     PROGRESS.show("calibrate: loading the model ...")
     try:
-        model, tokenizer = _load_model(args.model)
+        model, tokenizer = defaults.load_model(args.model)
     except ModuleNotFoundError as err:
         PROGRESS.clear()
         print(f"mosbits calibrate: {err}", file=sys.stderr)
         return 1
     model.eval()
-    train, held_out = _load_texts(args.text)
+    train, held_out = defaults.load_texts(args.text)
     PROGRESS.clear()
     print(f"mosbits calibrate: {args.model or 'SmolLM2-135M-Instruct'}, E={args.experts}, {args.samples} x "
           f"{args.seq_len} calibration tokens, {args.steps_per_block} steps per block of {args.batch_size} windows, "

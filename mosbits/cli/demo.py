@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mosbits import __version__, arrays, dispatch, testing
+from mosbits.cli.options import positive_int
 from mosbits.experts import Experts
 from mosbits.format import PackedSigns, pack
 from mosbits.io import MoSLinearWeights
@@ -65,12 +66,12 @@ class Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options; with none, the default layer (4096 x 4096, E = 4) at M = 1 and 64."""
-    parser.add_argument("--n", type=_positive_int, default=4096, help="output features N (default: 4096)")
-    parser.add_argument("--k", type=_positive_int, default=4096, help="input features K (default: 4096)")
-    parser.add_argument("--experts", type=_positive_int, default=4, help="experts E (default: 4)")
+    parser.add_argument("--n", type=positive_int, default=4096, help="output features N (default: 4096)")
+    parser.add_argument("--k", type=positive_int, default=4096, help="input features K (default: 4096)")
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts E (default: 4)")
     parser.add_argument("--batches", type=_int_list, default="1,64",
                         help="comma-separated batch sizes M (default: 1,64)")
-    parser.add_argument("--repeats", type=_positive_int, default=10,
+    parser.add_argument("--repeats", type=positive_int, default=10,
                         help="timed calls per median, after one warm-up call (default: 10)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random layer and inputs (default: 0)")
@@ -79,17 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(dispatch.available())})")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     """"1,64" -> [1, 64]."""
     try:
-        return list(dict.fromkeys(_positive_int(part) for part in text.split(",")))
+        return list(dict.fromkeys(positive_int(part) for part in text.split(",")))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
 

