@@ -169,6 +169,22 @@ def test_bad_models_and_data_are_named():
         calibration.calibration_windows(char_tokenizer(), ["some text here", 7], 100, 4)
 
 
+def test_nan_weights_are_named_by_their_layer_or_block():
+    torch.manual_seed(0)
+    model = MODELS["llama"]().eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 1 NaN/inf"):
+        mh.calibrate(model, TEXT, tokenizer=char_tokenizer(), progress=False, **SMALL)
+    model = MODELS["llama"]().eval()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"block 'model\.layers\.1' gives non-finite outputs"):
+        mh.calibrate(model, TEXT, tokenizer=char_tokenizer(), progress=False, **SMALL)
+    with pytest.raises(ValueError, match=r"loss of block 'model\.layers\.0' became (nan|inf) at step \d+: lower lr"):
+        calibrated(lr=1e30, latent_lr=1e30)
+
+
 class CountingTokenizer:
     """Wraps a tokenizer and records the length of every text it is given."""
 

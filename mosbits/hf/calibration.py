@@ -163,7 +163,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
 
     Raises:
         ValueError: bad settings, no decoder blocks, a model that already holds mosbits layers, too little
-            text, or an ``out`` folder holding a different run.
+            text, an ``out`` folder holding a different run, NaN or inf weights, or a diverged reconstruction.
     """
     settings = Settings(num_experts, samples, seq_len, steps_per_block, batch_size, lr, latent_lr, seed)
     if any(isinstance(m, MoSLinear | PackedMoSLinear) for m in model.modules()):
@@ -209,7 +209,10 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
             generator = torch.Generator().manual_seed(seed * 100_003 + index)
             _binarize_block(model, layers[block_name], num_experts, generator)
             start_error = streams.error(block, kwargs)
-            _reconstruct(block, streams, kwargs, settings, generator)
+            if not math.isfinite(start_error):
+                raise ValueError(f"block {block_name!r} gives non-finite outputs (relative error {start_error}): "
+                                 "NaN or inf in its weights (norms, biases) or in its inputs")
+            _reconstruct(block, block_name, streams, kwargs, settings, generator)
             _pack_block(model, layers[block_name])
             packed_error = streams.run_student(block, kwargs)
             result = BlockResult(block_name, start_error, packed_error, time.perf_counter() - block_start)
@@ -438,17 +441,28 @@ def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], dtype: 
 
 
 def _binarize_block(model: nn.Module, names: list[str], num_experts: int, generator: torch.Generator) -> None:
-    """Replace the linears ``names`` of one block by `MoSLinear` with the paper's start (`MoSLinear.from_weight`)."""
+    """Replace the linears ``names`` of one block by `MoSLinear` with the paper's start (`MoSLinear.from_weight`).
+
+    Raises:
+        ValueError: a weight holds NaN or inf.
+    """
     for name in names:
         module = model.get_submodule(name)
         weight = module.weight.T if _is_conv1d(module) else module.weight
+        bad = int((~torch.isfinite(weight)).sum())
+        if bad:
+            raise ValueError(f"{name}.weight holds {bad} NaN/inf value(s): calibrate a model with finite weights")
         layer = MoSLinear.from_weight(weight.detach(), _bias(module), num_experts, generator)
         replace_module(model, name, layer)
 
 
-def _reconstruct(block: nn.Module, streams: _Streams, kwargs: dict[str, Any], settings: Settings,
+def _reconstruct(block: nn.Module, name: str, streams: _Streams, kwargs: dict[str, Any], settings: Settings,
                  generator: torch.Generator) -> None:
-    """``settings.steps_per_block`` Adam steps on the block's relative output error, cosine learning rates."""
+    """``settings.steps_per_block`` Adam steps on the block's relative output error, cosine learning rates.
+
+    Raises:
+        ValueError: the loss became NaN or inf (the learning rates diverged).
+    """
     steps = settings.steps_per_block
     if not steps:
         return
@@ -458,10 +472,13 @@ def _reconstruct(block: nn.Module, streams: _Streams, kwargs: dict[str, Any], se
                                   {"params": [m.weight for m in layers], "lr": settings.latent_lr}])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             x, target = streams.minibatch(generator)
             y = _run(block, x, kwargs, streams.dtype).float()
             loss = (y - target).pow(2).mean() / target.pow(2).mean()
+            if not torch.isfinite(loss):
+                raise ValueError(f"the reconstruction loss of block {name!r} became {float(loss)} at step {step}: "
+                                 f"lower lr ({settings.lr}) or latent_lr ({settings.latent_lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
