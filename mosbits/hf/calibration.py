@@ -476,8 +476,9 @@ def _reconstruct(block: nn.Module, name: str, streams: _Streams, kwargs: dict[st
             x, target = streams.minibatch(generator)
             y = _run(block, x, kwargs, streams.dtype).float()
             loss = (y - target).pow(2).mean() / target.pow(2).mean()
-            if not torch.isfinite(loss):
-                raise ValueError(f"the reconstruction loss of block {name!r} became {float(loss)} at step {step}: "
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise ValueError(f"the reconstruction loss of block {name!r} became {value} at step {step}: "
                                  f"lower lr ({settings.lr}) or latent_lr ({settings.latent_lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
