@@ -276,7 +276,9 @@ def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *
             seen.add(key)
             weights += tensor.numel() * tensor.element_size()
     width = model.get_input_embeddings().weight.shape[1]
-    shapes = [[linear_shape(m) for m in model.get_submodule(block).modules() if isinstance(m, LINEAR_TYPES)]
+    shapes = [[(m.out_features, m.in_features) if isinstance(m, MoSLinear | PackedMoSLinear) else linear_shape(m)
+               for m in model.get_submodule(block).modules() if isinstance(m, (*LINEAR_TYPES, MoSLinear,
+                                                                                PackedMoSLinear))]
               for block in decoder_blocks(model)]
     block = max(shapes, key=lambda s: sum(n * k for n, k in s))
     per_token = sum(n + k for n, k in block) + 4 * max(max(n, k) for n, k in block) + 4 * width
