@@ -23,7 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.cli.options import add_model_and_text, load_model_and_texts, non_negative_int, positive_int
+from mosbits.cli.options import (
+    add_model_and_text,
+    check_reload,
+    load_model_and_texts,
+    non_negative_int,
+    positive_int,
+)
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "binarize, distil, pack and save a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{_size_table(mh.model_size(student))}")
     if args.gen_tokens:
         print(f"\n{_speed_table(mh, teacher, student, tokenizer, args.gen_tokens)}")
-    return _save_and_check(mh, student, tokenizer, held_out, args.out)
+    return _save_and_check(student, tokenizer, held_out, args.out)
 
 
 def _header(args: argparse.Namespace) -> str:
@@ -110,26 +116,12 @@ def _header(args: argparse.Namespace) -> str:
             f"tokens, lr {args.lr}, seed {args.seed}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def _save_and_check(mh: Any, model: Any, tokenizer: Any, text: str, out: Path) -> int:
-    """Write the packed model and tokenizer to ``out``, reload it with mosbits.hf.load and compare its logits on
-    the start of ``text`` with ``model``'s, bit for bit; 0 when identical, else 1."""
-    import torch
-
+def _save_and_check(model: Any, tokenizer: Any, text: str, out: Path) -> int:
+    """Write the packed model and tokenizer to ``out``, then `check_reload`."""
     PROGRESS.show(f"binarize: writing {out} ...")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    PROGRESS.show(f"binarize: reloading {out} with mosbits.hf.load ...")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :64]
-    reloaded = mh.load(out, dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        same = torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    PROGRESS.clear()
-    print(f"\nwrote {out}/ ({written / 2**20:.1f} MiB of safetensors); reloaded with mosbits.hf.load: "
-          + ("outputs identical" if same else "OUTPUTS DIFFER"))
-    if not same:
-        print(f"mosbits binarize: the model reloaded from {out} gives different logits", file=sys.stderr)
-    return 0 if same else 1
+    return check_reload("binarize", model, tokenizer, text, out, PROGRESS)
 
 
 def _size_table(size: Any) -> str:

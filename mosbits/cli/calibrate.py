@@ -24,7 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mosbits.cli.options import add_model_and_text, load_model_and_texts, non_negative_int, positive_int
+from mosbits.cli.options import (
+    add_model_and_text,
+    check_reload,
+    load_model_and_texts,
+    non_negative_int,
+    positive_int,
+)
 from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "post-training BinaryMoS, block by block, of a Hugging Face causal LM (default: SmolLM2-135M)"
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"packed linears: {size.bits_per_binary_weight:.3f} bits/weight; wall time: {times}; "
           f"whole command {time.perf_counter() - wall:.0f} s")
     print(f"\ngreedy continuation: {_continuation(model, tokenizer)!r}")
-    return _check_reload(mh, model, tokenizer, held_out, args.out)
+    return check_reload("calibrate", model, tokenizer, held_out, args.out, PROGRESS)
 
 
 def _continuation(model: Any, tokenizer: Any, tokens: int = 24) -> str:
@@ -119,20 +125,3 @@ def _continuation(model: Any, tokenizer: Any, tokens: int = 24) -> str:
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return PROMPT + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def _check_reload(mh: Any, model: Any, tokenizer: Any, text: str, out: Path) -> int:
-    """Reload ``out`` with mosbits.hf.load and compare its logits on the start of ``text`` with ``model``'s, bit
-    for bit; 0 when identical, else 1."""
-    import torch
-
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :64]
-    reloaded = mh.load(out, dtype=next(model.parameters()).dtype)
-    with torch.no_grad():
-        same = torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"\nwrote {out}/ ({written / 2**20:.1f} MiB of safetensors); reloaded with mosbits.hf.load: "
-          + ("outputs identical" if same else "OUTPUTS DIFFER"))
-    if not same:
-        print(f"mosbits calibrate: the model reloaded from {out} gives different logits", file=sys.stderr)
-    return 0 if same else 1

@@ -1,4 +1,5 @@
-"""argparse value types and options the commands share."""
+"""What the model commands (binarize, calibrate) share: argparse value types, the --model/--text options, loading
+the model and texts, and the reload check of a written folder."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def load_model_and_texts(command: str, args: argparse.Namespace,
     train, held_out = defaults.load_texts(args.text)
     progress.clear()
     return model.eval(), tokenizer, train, held_out
+
+
+def check_reload(command: str, model: Any, tokenizer: Any, text: str, out: Path, progress: Any) -> int:
+    """Reload the folder ``out`` with `mosbits.hf.load` and compare its logits on the start of ``text`` with
+    ``model``'s, bit for bit; print the outcome; 0 when identical, else 1 (with the reason on stderr)."""
+    import torch
+
+    import mosbits.hf as mh
+
+    progress.show(f"{command}: reloading {out} with mosbits.hf.load ...")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :64]
+    reloaded = mh.load(out, dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        same = torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    progress.clear()
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"\nwrote {out}/ ({written / 2**20:.1f} MiB of safetensors); reloaded with mosbits.hf.load: "
+          + ("outputs identical" if same else "OUTPUTS DIFFER"))
+    if not same:
+        print(f"mosbits {command}: the model reloaded from {out} gives different logits", file=sys.stderr)
+    return 0 if same else 1
