@@ -235,7 +235,9 @@ def test_disk_backed_activations_give_the_same_model_and_are_deleted(tmp_path):
 def test_trainable_scales_train_scales_and_routers_but_never_signs():
     model, _ = calibrated()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    size = mh.model_size(model)
     assert mh.trainable_scales(model) == 14
+    assert mh.model_size(model) == size
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{name}.{t}" for name in mos_layers(model) for t in ("s_in", "s_out", "router")}
     assert model.state_dict().keys() == before.keys()

@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosbits.hf.config import MoSConfig
+from mosbits.hf.evaluate import distinct
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts, trainable_scales
 from mosbits.hf.surgery import (
     LINEAR_TYPES,
@@ -269,12 +270,7 @@ def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *
     Returns:
         ``{"model", "teacher", "streams", "block", "minibatch"}``; their sum is the peak on the CPU.
     """
-    seen, weights = set(), 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            weights += tensor.numel() * tensor.element_size()
+    weights = sum(t.numel() * t.element_size() for t in distinct(model.state_dict().values()))
     width = model.get_input_embeddings().weight.shape[1]
     shapes = [[(m.out_features, m.in_features) if isinstance(m, MoSLinear | PackedMoSLinear) else linear_shape(m)
                for m in model.get_submodule(block).modules() if isinstance(m, (*LINEAR_TYPES, MoSLinear,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -80,6 +81,16 @@ class ModelSize:
         return 8 * self.packed_layers / max(self.binary_weights, 1)
 
 
+def distinct(tensors: Iterable[torch.Tensor], seen: set[tuple[int, int]] | None = None) -> Iterator[torch.Tensor]:
+    """The tensors whose (storage, offset) is not in ``seen`` yet (tied weights once), adding them to it."""
+    seen = set() if seen is None else seen
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
 def model_size(model: nn.Module, float_bytes: int = 2) -> ModelSize:
     """Dense and packed sizes of ``model``, with float tensors counted at ``float_bytes`` (2: fp16).
 
@@ -88,20 +99,16 @@ def model_size(model: nn.Module, float_bytes: int = 2) -> ModelSize:
     seen: set[tuple[int, int]] = set()
 
     def size(t: torch.Tensor) -> int:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            return 0
-        seen.add(key)
         return t.numel() * (float_bytes if t.is_floating_point() else t.element_size())
 
     packed_layers = binary_weights = dense_layers = 0
     for module in model.modules():
         if isinstance(module, PackedMoSLinear):
-            packed_layers += sum(size(t) for t in module.buffers(recurse=False))
+            packed_layers += sum(size(t) for t in distinct(module.tensors(), seen))
             weights = module.in_features * module.out_features
             binary_weights += weights
             dense_layers += (weights + (module.out_features if module.bias is not None else 0)) * float_bytes
-    rest = sum(size(t) for t in model.state_dict(keep_vars=True).values())
+    rest = sum(size(t) for t in distinct(model.state_dict(keep_vars=True).values(), seen))
     return ModelSize(dense=rest + dense_layers, packed=rest + packed_layers, binary_weights=binary_weights,
                      dense_layers=dense_layers, packed_layers=packed_layers)
 

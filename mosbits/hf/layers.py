@@ -210,6 +210,11 @@ class PackedMoSLinear(_MoSShape):
             self.__dict__["_prepared"] = cached
         return cached[1]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """signs, s_in, s_out, router (absent when E = 1) and bias (when there is one): the layer's tensors,
+        buffers or, while `trainable_scales` is on, partly parameters."""
+        return [t for t in (self.signs, self.s_in, self.s_out, self.router, self.bias) if t is not None]
+
     def matmul_args(self) -> tuple[mosbits.PackedSigns, mosbits.Experts, torch.Tensor, torch.Tensor | None]:
         """The layer as ``mosbits.matmul``'s (packed (N, K), experts, router (E, K), bias (N,) or None); with
         E = 1 the router is a zero (1, K) tensor (gate exactly 1)."""

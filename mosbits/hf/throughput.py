@@ -74,9 +74,9 @@ def bytes_per_token(model: nn.Module, context: int) -> dict[str, int]:
     config = model.config
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    packed = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, PackedMoSLinear)
-                 for t in m.buffers(recurse=False) if t is not None)
-    packed_ids = {id(t) for m in model.modules() if isinstance(m, PackedMoSLinear) for t in m.buffers()}
+    packed_tensors = [t for m in model.modules() if isinstance(m, PackedMoSLinear) for t in m.tensors()]
+    packed = sum(t.numel() * t.element_size() for t in packed_tensors)
+    packed_ids = {id(t) for t in packed_tensors}
     seen = {id(embedding), id(head)} | packed_ids
     linears = other = 0
     for module in model.modules():
