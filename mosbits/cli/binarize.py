@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mosbits.cli.options import (
+    PROMPT,
     add_model_and_text,
     check_reload,
     load_model_and_texts,
@@ -34,7 +35,6 @@ from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "binarize, distil, pack and save a Hugging Face causal LM (default: SmolLM2-135M)"
 PROGRESS = Progress()
-GENERATION_PROMPT = "In Python, a list comprehension"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +143,7 @@ def _speed_table(mh: Any, teacher: Any, student: Any, tokenizer: Any, tokens: in
     rows = []
     for what, model in (("dense fp32", teacher), ("packed", student)):
         PROGRESS.show(f"binarize: timing greedy generation of {tokens} tokens, {what} ...")
-        rows.append([what, f"{mh.generation_speed(model, tokenizer, GENERATION_PROMPT, tokens, repeats=3):.1f}"])
+        rows.append([what, f"{mh.generation_speed(model, tokenizer, PROMPT, tokens, repeats=3):.1f}"])
     PROGRESS.clear()
     layer = next(m for m in student.modules() if isinstance(m, mh.PackedMoSLinear))
     backend = dispatch.select("auto", layer.s_in.new_zeros(1, layer.in_features), *layer.matmul_args())

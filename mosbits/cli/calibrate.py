@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mosbits.cli.options import (
+    PROMPT,
     add_model_and_text,
     check_reload,
     load_model_and_texts,
@@ -35,7 +36,6 @@ from mosbits.perf.tables import Progress, format_table
 
 SUMMARY = "post-training BinaryMoS, block by block, of a Hugging Face causal LM (default: SmolLM2-135M)"
 PROGRESS = Progress()
-PROMPT = "In Python, a list comprehension"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

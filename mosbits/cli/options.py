@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+PROMPT = "In Python, a list comprehension"
+"""The prompt the model commands generate from (binarize times it, calibrate prints its continuation)."""
+
 
 def positive_int(text: str) -> int:
     """An int >= 1, or argparse's usage error."""
