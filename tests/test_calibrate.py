@@ -64,6 +64,43 @@ def test_calibrate_packs_every_block_linear_and_training_lowers_the_error(arch):
     assert report.blocks[-1].packed < 0.7 * untrained.blocks[-1].packed
 
 
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_the_data_start_fits_every_block_better_than_the_papers(arch, num_experts):
+    """Scales fitted to the layers' inputs (and, for E > 1, experts on clusters with a router from their centres)
+    give every block a lower output error at the start than the paper's fit of |W|; with E = 4 the experts and
+    routers differ from step 0."""
+    _, paper = calibrated(arch, steps_per_block=0, num_experts=num_experts)
+    model, data = calibrated(arch, steps_per_block=0, num_experts=num_experts, start="data")
+    for a, b in zip(paper.blocks, data.blocks, strict=True):
+        assert b.start < 0.95 * a.start, (a, b)
+        assert b.packed == pytest.approx(b.start, rel=1e-5)
+    if num_experts > 1:
+        for layer in mos_layers(model).values():
+            assert not torch.equal(layer.s_in[0], layer.s_in[1]) and not torch.equal(layer.s_out[0], layer.s_out[1])
+
+
+@pytest.mark.parametrize(("arch", "groups"), [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+])
+def test_the_data_start_reads_each_distinct_input_once(arch, groups):
+    """Layers fed the same tensor (q, k, v; gate, up) share one record of it and one clustering."""
+    torch.manual_seed(0)
+    model = MODELS[arch]().eval()
+    block = calibration.decoder_blocks(model)[0]
+    names = [f"{block}.{n}" for n, m in model.get_submodule(block).named_modules()
+             if isinstance(m, calibration.LINEAR_TYPES)]
+    ids = calibration.calibration_windows(char_tokenizer(), TEXT, 4, 16)
+    hidden, kwargs = calibration.block_inputs(model, block, ids)
+    streams = calibration._Streams(hidden, None, 2, torch.device("cpu"), torch.float32)
+    inputs = calibration._layer_inputs(model, model.get_submodule(block), names, streams, kwargs)
+    assert [[n[len(block) + 1:] for n in group] for group, _ in inputs] == groups
+    width = model.get_input_embeddings().weight.shape[1]
+    assert all(x.shape[0] == 4 * 16 for _, x in inputs) and inputs[0][1].shape[1] == width
+
+
 def test_with_no_steps_the_packed_error_is_the_start_error():
     """Steps 0: the block is the paper's start, packed; the two errors are measured on the same stream by
     different code (the MoSLinear before packing, the student pass after), so they must agree."""
@@ -107,15 +144,16 @@ def test_the_folder_reloads_bit_exactly_and_a_rerun_is_refused(tmp_path):
         calibrated(out=out)
 
 
-def test_an_interrupted_run_resumes_after_its_last_finished_block_and_ends_the_same(tmp_path, monkeypatch):
-    whole, _ = calibrated()
+@pytest.mark.parametrize("start", calibration.STARTS)
+def test_an_interrupted_run_resumes_after_its_last_finished_block_and_ends_the_same(tmp_path, monkeypatch, start):
+    whole, _ = calibrated(start=start)
     interrupt_at_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        calibrated(out=tmp_path)
+        calibrated(out=tmp_path, start=start)
     assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == ["block-0000.safetensors",
                                                                            "manifest.json"]
     monkeypatch.undo()
-    resumed, report = calibrated(out=tmp_path)
+    resumed, report = calibrated(out=tmp_path, start=start)
     assert [r.resumed for r in report.blocks] == [True, False]
     assert_same_state(whole, resumed)
 
@@ -150,6 +188,7 @@ def test_a_corrupt_block_checkpoint_is_named(tmp_path, monkeypatch):
     ({"steps_per_block": -1}, ValueError, "steps_per_block"),
     ({"lr": float("nan")}, ValueError, "lr must be a finite float"),
     ({"distill_steps": -2}, ValueError, "distill_steps"),
+    ({"start": "gptq"}, ValueError, r"start must be one of \('paper', 'data'\), got 'gptq'"),
     ({"samples": 1000}, ValueError, r"holds \d+ tokens; samples x seq_len = 1000 x 16 = 16000 are needed"),
 ])
 def test_bad_settings_are_named(settings, error, match):

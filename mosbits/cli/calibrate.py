@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens L per calibration and evaluation window (default: 256)")
     parser.add_argument("--steps-per-block", type=non_negative_int, default=120,
                         help="Adam steps per decoder block; 0: the paper's start, packed (default: 120)")
+    parser.add_argument("--start", choices=("paper", "data"), default="paper",
+                        help="each block's start: the paper's fit of |W|, or scales fitted to the layers' inputs "
+                             "with experts on clusters of them and the router from their centres (default: paper)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: 4)")
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of scales and routers (default: 1e-2)")
     parser.add_argument("--latent-lr", type=float, default=1e-3,
@@ -82,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     model, tokenizer, train, held_out = loaded
     print(f"mosbits calibrate: {args.model or 'SmolLM2-135M-Instruct'}, E={args.experts}, {args.samples} x "
-          f"{args.seq_len} calibration tokens, {args.steps_per_block} steps per block of {args.batch_size} windows, "
-          f"lr {args.lr} / {args.latent_lr}, {args.distill_steps} distillation steps; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{args.seq_len} calibration tokens, {args.start} start, {args.steps_per_block} steps per block of "
+          f"{args.batch_size} windows, lr {args.lr} / {args.latent_lr}, {args.distill_steps} distillation steps; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     def perplexity(what: str) -> float:
         PROGRESS.show(f"calibrate: held-out perplexity of the {what} ...")
@@ -99,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, steps_per_block=args.steps_per_block,
                               batch_size=args.batch_size, lr=args.lr, latent_lr=args.latent_lr,
                               distill_steps=args.distill_steps, distill_lr=args.distill_lr, device=args.device,
-                              out=args.out, offload_dir=args.offload_dir, seed=args.seed)
+                              out=args.out, offload_dir=args.offload_dir, seed=args.seed, start=args.start)
     except ValueError as err:
         print(f"mosbits calibrate: {err}", file=sys.stderr)
         return 1
     packed = perplexity("packed model")
     rows = [[r.name, f"{r.start:.4f}", f"{r.packed:.4f}", "resumed" if r.resumed else f"{r.seconds:.1f}"]
             for r in report.blocks]
-    print("\n" + format_table(["block", "error at the paper's start", "error packed", "seconds"], rows, "lrrr"))
+    print("\n" + format_table(["block", f"error at the {args.start} start", "error packed", "seconds"], rows, "lrrr"))
     if report.distill_losses:
         print(f"\ndistillation: loss {report.distill_losses[0]:.4g} at step 1 -> {report.distill_losses[-1]:.4g} "
               f"at step {len(report.distill_losses)}")
