@@ -4,7 +4,8 @@ The paper's start fits ``s_out s_in^T`` to |W| alone, and gives every expert tha
 gates change nothing and the router gets no gradient. The functions here use what the layer sees instead:
 
 - `fit_scales`: rank-1 scales by alternating closed-form least squares on the layer's output error over its
-  inputs X (T, K), which depends on X only through the Gram matrix H = X^T X / T (K, K):
+  inputs X (T, K), which depends on X only through the Gram matrix H = X^T X / T (K, K) (of the tokens scaled
+  to unit length, `gram`):
 
       L(s_out, s_in) = sum_n (W_n - s_out[n] B_n * s_in) H (W_n - s_out[n] B_n * s_in)^T,   B = sign(W)
 
