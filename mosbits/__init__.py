@@ -17,7 +17,7 @@ from mosbits.dispatch import BackendUnavailableError  # noqa: E402
 from mosbits.experts import Experts  # noqa: E402
 from mosbits.format import FORMAT_VERSION, PackedSigns, pack, unpack  # noqa: E402
 from mosbits.io import FormatError, MoSLinearWeights, load, save  # noqa: E402
-from mosbits.prepared import PreparedLayer, prepare  # noqa: E402
+from mosbits.prepared import PreparedGroup, PreparedLayer, prepare, prepare_group  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "FormatError",
     "MoSLinearWeights",
     "PackedSigns",
+    "PreparedGroup",
     "PreparedLayer",
     "__version__",
     "backends",
@@ -36,6 +37,7 @@ __all__ = [
     "matmul",
     "pack",
     "prepare",
+    "prepare_group",
     "reference",
     "save",
     "unpack",

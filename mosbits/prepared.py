@@ -58,14 +58,17 @@ class PreparedLayer:
         self._x_device = probe.device if arrays.is_torch(probe) else None
         self._recording = sys.modules["torch"].is_grad_enabled if arrays.is_torch(probe) else bool
 
+    def fits(self, x: Any) -> bool:
+        """True when x is like the input the backend was chosen for: same library, dtype and device, (..., K),
+        and for torch with autograd off (the backend's ``supports`` already accepted such an input)."""
+        return (type(x) is self._x_type and x.dtype == self._x_dtype and x.ndim >= 1 and x.shape[-1] == self._k
+                and (self._x_device is None or (x.device == self._x_device and not self._recording())))
+
     def __call__(self, x: Any) -> Any:
         """x (..., K) -> y (..., N), x of the layer's library, device and dtype.
 
-        An input like the one the backend was chosen for (same library, dtype and device; for torch, with
-        autograd off) goes straight to the backend: the backend's ``supports`` already accepted such an input.
-        Any other input is checked in full first."""
-        if (type(x) is self._x_type and x.dtype == self._x_dtype and x.ndim >= 1 and x.shape[-1] == self._k
-                and (self._x_device is None or (x.device == self._x_device and not self._recording()))):
+        An input that `fits` goes straight to the backend; any other is checked in full first."""
+        if self.fits(x):
             return self._run(x)
         check_args(x, *self._args)
         ok, reason = self._module.supports(x, *self._args)
@@ -76,6 +79,52 @@ class PreparedLayer:
     def __repr__(self) -> str:
         n, k = self.shape
         return f"PreparedLayer(N={n}, K={k}, backend={self.backend!r}, precision={self.precision!r})"
+
+
+class PreparedGroup:
+    """Prepared layers that read the same input (q, k and v of an attention; gate and up of an MLP), called
+    together: ``group(x)`` returns ``[layer(x) for layer in layers]``, bit for bit, from one backend call where
+    the backend serves groups (numba: one compiled call per input; elsewhere, one call per layer).
+
+    Attributes:
+        layers: the `PreparedLayer`s, in order.
+    """
+
+    def __init__(self, layers: list[PreparedLayer]) -> None:
+        if not layers or not all(isinstance(layer, PreparedLayer) for layer in layers):
+            raise TypeError(f"layers must be a non-empty list of PreparedLayer, got {layers!r}")
+        self.layers = list(layers)
+        lead = self.layers[0]
+        for layer in self.layers[1:]:
+            theirs = (layer._module, layer.precision, layer._k, layer._x_type, layer._x_dtype, layer._x_device)
+            ours = (lead._module, lead.precision, lead._k, lead._x_type, lead._x_dtype, lead._x_device)
+            if theirs != ours:
+                raise ValueError(f"a group's layers must share backend, precision, K and input kind: {layer!r} "
+                                 f"({layer._x_dtype}) differs from {lead!r} ({lead._x_dtype})")
+        if hasattr(lead._module, "prepare_group"):
+            self._run = lead._module.prepare_group([layer._run for layer in self.layers])
+        else:
+            self._run = lambda x: [layer._run(x) for layer in self.layers]
+
+    def __call__(self, x: Any) -> list[Any]:
+        """x (..., K) -> [y_i (..., N_i)]: one output per layer."""
+        if self.layers[0].fits(x):
+            return self._run(x)
+        return [layer(x) for layer in self.layers]
+
+    def __repr__(self) -> str:
+        return f"PreparedGroup({self.layers!r})"
+
+
+def prepare_group(layers: list[PreparedLayer]) -> PreparedGroup:
+    """Serve layers that read the same input from one call: ``prepare_group([prepare(...), ...])(x)`` returns
+    each layer's output for x, bit for bit as its own call would.
+
+    Raises:
+        TypeError: ``layers`` is empty or holds something other than `PreparedLayer`.
+        ValueError: the layers differ in backend, precision, K or the input they were prepared for.
+    """
+    return PreparedGroup(layers)
 
 
 def prepare(packed: PackedSigns, experts: Experts, router: Any, bias: Any = None, *, backend: str = "auto",

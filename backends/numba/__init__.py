@@ -226,6 +226,11 @@ def prepare(packed: Any, experts: Any, router: Any, bias: Any, precision: str) -
     return NumbaLayer(packed, experts, router, bias, fast=precision == "fast")
 
 
+def prepare_group(layers: list[NumbaLayer]) -> NumbaGroup:
+    """Prepared layers that read the same input, served by one compiled call per input (`mosbits.prepared`)."""
+    return NumbaGroup(layers)
+
+
 SERIAL_MAX_M = 2
 """Up to this many tokens, the scales and tables are computed without waking the thread pool."""
 
@@ -241,33 +246,29 @@ class NumbaLayer:
         self.forced_path, path_reason = _forced_path()
         self.error = isa_reason or path_reason
         self.n, self.k = packed.shape
-        self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
+        self.data = np.ascontiguousarray(packed.data.numpy() if arrays.is_torch(packed.data) else packed.data)
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
         self.bias = np.zeros(self.n, np.float32) if bias is None else _float32(bias)
         self.fast = fast
         self.kp = 8 * row_bytes(self.k)
-        self._lookups: dict[tuple[str, bool, bool], tuple[int, np.ndarray, Any]] = {}
-        self._blocks: dict[int, np.ndarray] = {}
+        self._codes: tuple[int, np.ndarray] | None = None
+        self._alone = NumbaGroup([self])
         self.kernel_seconds: list[float] | None = None
         """When a list (``[0.0]``), each compiled call adds its seconds to element 0 (``mosbits bench --model``'s
         breakdown: the kernels themselves, without the conversions around them)."""
 
-    def lookup(self, isa: str, serial: bool, bf16: bool = False) -> tuple[int, np.ndarray, Any]:
-        """(Np, codes, compiled layer kernel) of the lookup path on ``isa`` (for bfloat16 tokens: the kernel
-        that reads and writes 16-bit patterns), kept per layer: at batch 1 the Python between two kernels costs
-        as much as the scales and tables together."""
-        found = self._lookups.get((isa, serial, bf16))
-        if found is None:
-            lanes = (FAST_LANES if self.fast else LANES)[isa]
-            np_ = -(-self.n // lanes) * lanes
-            codes = self.data if lanes == 1 else self._row_blocks(lanes)
-            kernel = _kernels.layer_kernel_bf16 if bf16 else _kernels.layer_kernel
-            found = (np_, codes, kernel(self.fast, lanes, serial))
-            self._lookups[(isa, serial, bf16)] = found
-        return found
+    def codes(self) -> tuple[int, np.ndarray]:
+        """(Np, codes) of the lookup path: the padded row count and, for the SIMD kernels, the signs in row blocks
+        (`layout.row_blocks`), for the portable ones the format v1 bytes; derived on first use and kept by this
+        layer only."""
+        if self._codes is None:
+            lanes = (FAST_LANES if self.fast else LANES)[self.isa]
+            codes = self.data if lanes == 1 else layout.row_blocks(self.data, lanes)
+            self._codes = (-(-self.n // lanes) * lanes, codes)
+        return self._codes
 
     def _compiled(self, run: Any, *args: Any) -> None:
-        """``run(*args)``, a compiled layer call, timed into `kernel_seconds` when that is set."""
+        """``run(*args)``, a compiled call, timed into `kernel_seconds` when that is set."""
         if self.kernel_seconds is None:
             run(*args)
             return
@@ -275,56 +276,91 @@ class NumbaLayer:
         run(*args)
         self.kernel_seconds[0] += time.perf_counter() - start
 
-    def _row_blocks(self, lanes: int) -> np.ndarray:
-        """`layout.row_blocks` of this layer's signs, derived once per lane width and kept by this layer only."""
-        found = self._blocks.get(lanes)
-        if found is None:
-            found = self._blocks[lanes] = layout.row_blocks(self.data, lanes)
-        return found
-
     def __call__(self, x: Any) -> Any:
-        n, k = self.n, self.k
         if self.error:
             raise ValueError(self.error)
         m = math.prod(x.shape[:-1])
-        torch_x = arrays.is_torch(x)
-        bf16 = torch_x and arrays.dtype_name(x) == "bfloat16"
-        isa = self.isa
-        path = path_for(m, isa, bf16, self.forced_path)
-        if bf16 and path == "gemm" and not self.fast:
-            return _bf16_gemm(x.reshape(m, k), self).reshape(*x.shape[:-1], n)
-        if bf16:
-            return self._lookup_bf16(x, m)
-        x32 = _float32(x).reshape(m, k)
-        if path == "gemm" and not self.fast:
-            out = arrays.empty(x32, (m, n), np.float32)
+        bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
+        if path_for(m, self.isa, bf16, self.forced_path) == "gemm" and not self.fast:
+            if bf16:
+                return _bf16_gemm(x.reshape(m, self.k), self).reshape(*x.shape[:-1], self.n)
+            x32 = _float32(x).reshape(m, self.k)
+            out = arrays.empty(x32, (m, self.n), np.float32)
             xs, gates = _kernels.scales(x32, self.router, self.s_in, self.kp, arrays.poisoning())
             _gemm(xs, self.data, out)
             _kernels.scale_rows(out, gates, self.s_out, self.bias)
-        else:
-            np_, codes, run = self.lookup(isa, m <= SERIAL_MAX_M)
-            out = arrays.empty(x32, (m, np_), np.float32)
-            self._compiled(run, x32, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out,
-                           arrays.poisoning())
-        y = (out[:, :n] if out.shape[1] > n else out).reshape(*x.shape[:-1], n)
-        if torch_x:
+            return _output(out, x)
+        return self._alone.lookup(x, m, bf16)[0]
+
+
+class NumbaGroup:
+    """Layers that read the same input x (..., K) (q, k and v of an attention; gate and up of an MLP), with the
+    same precision: ``group(x)`` returns each layer's y (..., N_i), bit for bit as its own call would, from one
+    compiled call (`_kernels.group_kernel`) on the lookup path; on the gemm path (large batches) each layer runs
+    alone, since their matmuls dominate.
+
+    Raises (at construction):
+        ValueError: layers that differ in K, precision, instruction set or forced path.
+    """
+
+    def __init__(self, layers: list[NumbaLayer]) -> None:
+        self.layers = tuple(layers)
+        lead = self.layers[0]
+        for name in ("k", "fast", "isa", "forced_path"):
+            values = {getattr(layer, name) for layer in self.layers}
+            if len(values) > 1:
+                raise ValueError(f"a group's layers must share their {name}, got {sorted(map(str, values))}")
+        self.k, self.kp, self.fast, self.isa = lead.k, lead.kp, lead.fast, lead.isa
+        self.forced_path, self.error = lead.forced_path, lead.error
+        self._plans: dict[tuple[bool, bool], tuple[Any, tuple[Any, ...]]] = {}
+
+    def __call__(self, x: Any) -> list[Any]:
+        if self.error:
+            raise ValueError(self.error)
+        m = math.prod(x.shape[:-1])
+        bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
+        if path_for(m, self.isa, bf16, self.forced_path) == "gemm" and not self.fast:
+            return [layer(x) for layer in self.layers]
+        return self.lookup(x, m, bf16)
+
+    def _plan(self, serial: bool, bf16: bool) -> tuple[Any, tuple[Any, ...]]:
+        """(compiled group kernel, the layers' constant arguments), kept per (serial, bf16)."""
+        found = self._plans.get((serial, bf16))
+        if found is None:
+            lanes = (FAST_LANES if self.fast else LANES)[self.isa]
+            constants = tuple((layer.router, layer.s_in, layer.s_out, layer.bias, *layer.codes()[::-1])
+                              for layer in self.layers)
+            found = self._plans[(serial, bf16)] = (_kernels.group_kernel(self.fast, lanes, serial, bf16), constants)
+        return found
+
+    def lookup(self, x: Any, m: int, bf16: bool) -> list[Any]:
+        """The lookup path for x (..., K) of m tokens (bfloat16 torch tokens if ``bf16``)."""
+        run, constants = self._plan(m <= SERIAL_MAX_M, bf16)
+        lead = self.layers[0]
+        if bf16:
             import torch
 
-            return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
-        return y.astype(x.dtype, copy=False)
+            x = x.detach() if x.requires_grad else x
+            bits = x.contiguous().view(torch.int16).numpy().reshape(m, self.k)
+            layers = tuple((*c, arrays.empty(bits, (m, layer.n), np.int16))
+                           for c, layer in zip(constants, self.layers, strict=True))
+            lead._compiled(run, bits, self.kp, layers, arrays.poisoning())
+            return [torch.from_numpy(c[-1]).view(torch.bfloat16).reshape(*x.shape[:-1], c[-1].shape[1])
+                    for c in layers]
+        x32 = _float32(x).reshape(m, self.k)
+        layers = tuple((*c[:5], arrays.empty(x32, (m, c[5]), np.float32)) for c in constants)
+        lead._compiled(run, x32, self.kp, layers, arrays.poisoning())
+        return [_output(c[-1][:, :layer.n], x) for c, layer in zip(layers, self.layers, strict=True)]
 
-    def _lookup_bf16(self, x: Any, m: int) -> Any:
-        """The lookup path for bfloat16 torch tokens x (..., K): their 16-bit patterns go into the compiled call
-        and y's come out of it (`_kernels.layer_kernel_bf16`), with no torch conversion on either side."""
+
+def _output(y: np.ndarray, x: Any) -> Any:
+    """y (M, N) float32 as the output for x (..., K): shape (..., N), x's library and dtype."""
+    y = y.reshape(*x.shape[:-1], y.shape[1])
+    if arrays.is_torch(x):
         import torch
 
-        bits = x.detach().reshape(m, self.k).contiguous().view(torch.int16).numpy()
-        np_, codes, run = self.lookup(self.isa, m <= SERIAL_MAX_M, bf16=True)
-        out = arrays.empty(self.s_in, (m, np_), np.float32)
-        out_bits = arrays.empty(bits, (m, self.n), np.int16)
-        self._compiled(run, bits, self.router, self.s_in, self.s_out, self.bias, self.kp, codes, out, out_bits,
-                       arrays.poisoning())
-        return torch.from_numpy(out_bits).view(torch.bfloat16).reshape(*x.shape[:-1], self.n)
+        return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
+    return y.astype(x.dtype, copy=False)
 
 
 def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:

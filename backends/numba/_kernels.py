@@ -21,7 +21,7 @@ import functools
 import types as pytypes
 
 import numpy as np
-from numba import njit, prange
+from numba import literal_unroll, njit, prange
 
 from mosbits.backends.numba import _simd
 from mosbits.precision import FAST_BLOCK, FAST_LEVELS
@@ -361,25 +361,45 @@ def float32_to_bfloat16(values, n, out):
             out[m, i] = np.int16(np.uint16(half))
 
 
-def _layer_bf16_template(bits, router, s_in, s_out, bias, kp, codes, out, out_bits, poison):
+def _group_template(x, kp, layers, poison):
+    for layer in literal_unroll(layers):
+        router, s_in, s_out, bias, codes, out = layer
+        LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
+
+
+def _group_bf16_template(bits, kp, layers, poison):
     x = np.empty(bits.shape, dtype=np.float32)
     bfloat16_to_float32(bits, x)
-    LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
-    float32_to_bfloat16(out, out_bits.shape[1], out_bits)
+    for layer in literal_unroll(layers):
+        router, s_in, s_out, bias, codes, np_, out_bits = layer
+        out = np.empty((x.shape[0], np_), dtype=np.float32)
+        if poison:
+            out[:] = np.nan
+        LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
+        float32_to_bfloat16(out, out_bits.shape[1], out_bits)
 
 
 LAYER = None
-"""In the bfloat16 layer template: the float32 layer kernel it wraps (bound by `_variant`)."""
+"""In the group templates: the float32 layer kernel they call per layer (bound by `_variant`)."""
 
 
 @functools.cache
-def layer_kernel_bf16(fast: bool, lanes: int, serial: bool):
-    """`layer_kernel` for bfloat16 tokens, in the same compiled call: run(bits (M, K) int16, router, s_in,
-    s_out, bias, kp, codes, out (M, Np) float32 scratch, out_bits (M, N) int16, poison) reads the tokens' 16-bit
-    patterns and writes y's, saving the two torch conversions around a float32 call (about a fifth of a packed
-    SmolLM2-135M decode step, `mosbits bench --model`)."""
-    name = f"layer_bf16_{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
-    return _variant(_layer_bf16_template, name, False, LAYER=layer_kernel(fast, lanes, serial))
+def group_kernel(fast: bool, lanes: int, serial: bool, bf16: bool):
+    """The lookup path of layers that read the same tokens, as one compiled call (`layer_kernel` for each in
+    turn): one call from Python instead of one per layer, and for bfloat16 tokens one conversion of the input.
+
+    run(x (M, K) float32, kp, layers, poison), ``layers`` a tuple with one tuple per layer of the arguments
+    `layer_kernel` takes (router, s_in, s_out, bias, codes, out (M, Np) float32). With ``bf16``:
+    run(bits (M, K) int16, kp, layers, poison), each layer's tuple ending in Np and out_bits (M, N) int16 instead
+    of out: the tokens' bfloat16 patterns go in and y's come out (rounded to nearest even as torch rounds), with
+    no torch conversion on either side (those two conversions were about a fifth of a packed
+    SmolLM2-135M decode step, `mosbits bench --model`). Each layer's output is bit for bit that of a call of its
+    own: the same kernels run on the same float32 tokens.
+    """
+    mode = f"{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
+    name = f"group_bf16_{mode}" if bf16 else f"group_{mode}"
+    template = _group_bf16_template if bf16 else _group_template
+    return _variant(template, name, False, LAYER=layer_kernel(fast, lanes, serial))
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
