@@ -181,17 +181,26 @@ class PackedMoSLinear(_MoSShape):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) in any float dtype -> y (..., N) in x's dtype, computed in the layer's dtype.
 
-        Inference goes through `prepared`; an input that needs gradients, or scales being trained
-        (`trainable_scales`), go through ``mosbits.matmul``, whose automatic choice then takes a differentiable
-        backend."""
-        dtype = x.dtype
-        if dtype != self.s_in.dtype:
-            x = x.to(self.s_in.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or self.s_in.requires_grad):
+        Inference goes through `prepared`, or, for a layer linked with the siblings that read the same input
+        (`mosbits.hf.fusion`), through one call for all of them; an input that needs gradients, or scales being
+        trained (`trainable_scales`), go through ``mosbits.matmul``, whose automatic choice then takes a
+        differentiable backend."""
+        source, dtype = x, x.dtype
+        s_in = self._held("s_in")
+        if dtype != s_in.dtype:
+            x = x.to(s_in.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or s_in.requires_grad):
             packed, experts, router, bias = self.matmul_args()
             return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
-        y = self.prepared()(x)
+        shared = self.__dict__.get("_shared_input")
+        y = self.prepared()(x) if shared is None else shared.output(self, source, x)
         return y if y.dtype == dtype else y.to(dtype)
+
+    def _held(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name`` (a buffer, or a parameter while `trainable_scales` is on), read from the module's
+        dicts: ``nn.Module.__getattr__`` costs about a microsecond a name, several per call at batch 1."""
+        buffers = self._buffers
+        return buffers[name] if name in buffers else self._parameters[name]
 
     def prepared(self) -> mosbits.PreparedLayer:
         """This layer as a `mosbits.PreparedLayer` (validated once, backend chosen once), rebuilt when
@@ -200,7 +209,8 @@ class PackedMoSLinear(_MoSShape):
         is never reused while it is cached). Writes that torch does not count (through ``buffer.data`` or a NumPy
         view of a buffer) are not seen: change buffers with in-place torch ops, ``load_state_dict`` or
         assignment."""
-        signs, s_in, s_out, router, bias = self.signs, self.s_in, self.s_out, self.router, self.bias
+        held = self._held
+        signs, s_in, s_out, router, bias = held("signs"), held("s_in"), held("s_out"), held("router"), held("bias")
         key = (self.precision, os.environ.get(dispatch.ENV_VAR), id(signs), signs._version, id(s_in),
                s_in._version, id(s_out), s_out._version, id(router), router is not None and router._version,
                id(bias), bias is not None and bias._version)
@@ -209,6 +219,13 @@ class PackedMoSLinear(_MoSShape):
             cached = (key, mosbits.prepare(*self.matmul_args(), precision=self.precision))
             self.__dict__["_prepared"] = cached
         return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the prepared layer behind (it holds backend modules, which do not pickle);
+        the copy prepares its own on its first forward."""
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        return state
 
     def tensors(self) -> list[torch.Tensor]:
         """signs, s_in, s_out, router (absent when E = 1) and bias (when there is one): the layer's tensors,

@@ -20,6 +20,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from mosbits.format import FORMAT_VERSION
 from mosbits.hf.config import QUANT_METHOD, MoSConfig
+from mosbits.hf.fusion import share_inputs
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear
 from mosbits.hf.remote import base_config, mark
 from mosbits.hf.surgery import freeze_all_but_mos, linear_shape, replace_module
@@ -50,7 +51,8 @@ class MoSHfQuantizer(HfQuantizer):
         The parents of the packed layers that hold no tensor of their own are marked as initialised
         (``_is_hf_initialized``, the flag transformers sets on loaded modules): every tensor below them comes from
         the checkpoint, and some models' ``_init_weights`` (GPT-2's on its attention and MLP blocks) would
-        otherwise reach for a ``weight`` that a packed layer does not have.
+        otherwise reach for a ``weight`` that a packed layer does not have. Packed layers that read one input are
+        linked to share their calls (`mosbits.hf.fusion`).
         """
         num_experts = self.quantization_config.num_experts
         layer_class = PackedMoSLinear if self.quantization_config.packed else MoSLinear
@@ -64,6 +66,8 @@ class MoSHfQuantizer(HfQuantizer):
             own_tensors = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
             if not own_tensors:
                 parent._is_hf_initialized = True
+        if self.quantization_config.packed:
+            share_inputs(model)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from mosbits.hf.config import MoSConfig
+from mosbits.hf.fusion import share_inputs
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts
 from mosbits.hf.remote import mark
 
@@ -121,7 +122,8 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def pack(model: nn.Module) -> nn.Module:
-    """Replace every `MoSLinear` by `PackedMoSLinear`, in place, and record the conversion in the model's config.
+    """Replace every `MoSLinear` by `PackedMoSLinear`, in place, and record the conversion in the model's config;
+    layers that read one input are linked to share their calls (`mosbits.hf.fusion`).
 
     Sets ``model.config.quantization_config`` to a `mosbits.hf.MoSConfig` (when the model has a transformers
     config), so that ``save_pretrained`` writes a folder that loads back packed, with `mosbits.hf.load` or
@@ -139,6 +141,7 @@ def pack(model: nn.Module) -> nn.Module:
     for name in names:
         replace_module(model, name, PackedMoSLinear.from_mos(model.get_submodule(name)))
     _record(model, MoSConfig(num_experts=experts.pop(), modules=names))
+    share_inputs(model)
     return model
 
 

@@ -167,36 +167,42 @@ def measure(model: nn.Module, prompt: int = 8, new_tokens: int = 32, prefill: in
 
 @contextmanager
 def kernel_timer(model: nn.Module) -> Iterator[dict[str, list[float]]]:
-    """Within the block, accumulate the seconds spent in the model's packed layers: ``"calls"`` (each prepared
-    layer's backend call, with the conversions of x and y around it) and ``"kernels"`` (for numba, the compiled
-    call alone; for other backends the same as ``"calls"``)."""
+    """Within the block, accumulate the seconds spent in the model's packed layers: ``"calls"`` (each backend
+    call of a prepared layer or of a group of layers that share an input, `mosbits.hf.fusion`, with the
+    conversions of x and y around it) and ``"kernels"`` (for numba, the compiled call alone; for other backends
+    the same as ``"calls"``)."""
     spent = {"calls": [0.0], "kernels": [0.0]}
+    layers = [m for m in model.modules() if isinstance(m, PackedMoSLinear)]
+    prepared = [layer.prepared() for layer in layers]
+    groups = {id(g): g for layer in layers if (g := layer.__dict__.get("_shared_input")) is not None}
+    served = [g for shared in groups.values() if (g := shared.prepared_group()) is not None]
+    callers = prepared + [g for g in served if hasattr(g._run, "layers")]  # a backend's group; else layer by layer
+    numba_layers = [p._run for p in prepared if hasattr(p._run, "kernel_seconds")]
+    for run in numba_layers:
+        run.kernel_seconds = spent["kernels"]
     wrapped = []
-    for layer in (m for m in model.modules() if isinstance(m, PackedMoSLinear)):
-        prepared = layer.prepared()
-        run = prepared._run
-        numba_layer = hasattr(run, "kernel_seconds")
-        if numba_layer:
-            run.kernel_seconds = spent["kernels"]
+    for caller in callers:
+        run = caller._run
+        counts_kernels = not hasattr(run, "kernel_seconds") and not hasattr(run, "layers")
 
-        def timed(x: Any, run: Any = run, numba_layer: bool = numba_layer) -> Any:
+        def timed(x: Any, run: Any = run, counts_kernels: bool = counts_kernels) -> Any:
             start = time.perf_counter()
             out = run(x)
             seconds = time.perf_counter() - start
             spent["calls"][0] += seconds
-            if not numba_layer:
+            if counts_kernels:
                 spent["kernels"][0] += seconds
             return out
 
-        prepared._run = timed
-        wrapped.append((prepared, run, numba_layer))
+        caller._run = timed
+        wrapped.append((caller, run))
     try:
         yield spent
     finally:
-        for prepared, run, numba_layer in wrapped:
-            prepared._run = run
-            if numba_layer:
-                run.kernel_seconds = None
+        for caller, run in wrapped:
+            caller._run = run
+        for run in numba_layers:
+            run.kernel_seconds = None
 
 
 def reset_peak_rss() -> None:
