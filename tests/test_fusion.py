@@ -10,11 +10,12 @@ import pytest
 
 import mosbits
 from mosbits import arrays, dispatch, testing
-from tests.conftest import require_backend
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mh = pytest.importorskip("mosbits.hf")
+from conftest import require_backend  # noqa: E402
+
 from mosbits.hf import fusion  # noqa: E402
 
 BACKENDS = [name for name in mosbits.backends.available() if name != "triton"]
