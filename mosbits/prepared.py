@@ -95,10 +95,12 @@ class PreparedGroup:
             raise TypeError(f"layers must be a non-empty list of PreparedLayer, got {layers!r}")
         self.layers = list(layers)
         lead = self.layers[0]
+
+        def kind(layer: PreparedLayer) -> tuple[Any, ...]:
+            return layer._module, layer.precision, layer._k, layer._x_type, layer._x_dtype, layer._x_device
+
         for layer in self.layers[1:]:
-            theirs = (layer._module, layer.precision, layer._k, layer._x_type, layer._x_dtype, layer._x_device)
-            ours = (lead._module, lead.precision, lead._k, lead._x_type, lead._x_dtype, lead._x_device)
-            if theirs != ours:
+            if kind(layer) != kind(lead):
                 raise ValueError(f"a group's layers must share backend, precision, K and input kind: {layer!r} "
                                  f"({layer._x_dtype}) differs from {lead!r} ({lead._x_dtype})")
         if hasattr(lead._module, "prepare_group"):

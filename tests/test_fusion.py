@@ -114,8 +114,13 @@ def tiny_llama(dtype=torch.float32, seed=0):
     return mh.random_packed(config, num_experts=4, dtype=dtype, seed=seed)
 
 
+def shared(layer):
+    """The layer's `SharedInput`, or None."""
+    return layer.__dict__.get("_shared_input")
+
+
 def groups_of(model):
-    return {id(g): g for m in model.modules() if (g := m.__dict__.get("_shared_input")) is not None}
+    return {id(g): g for m in model.modules() if (g := shared(m)) is not None}
 
 
 def unlinked(model):
@@ -171,7 +176,7 @@ def alone(layer, x):
 def test_a_kept_output_goes_only_to_the_tensor_it_was_computed_from():
     model = tiny_llama()
     q, k, v = attention(model)
-    (group,) = {id(q.__dict__["_shared_input"]): q.__dict__["_shared_input"]}.values()
+    group = shared(q)
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
         assert torch.equal(k(x), alone(k, x))  # k first: it computes for all three
@@ -185,7 +190,7 @@ def test_a_kept_output_goes_only_to_the_tensor_it_was_computed_from():
 def test_a_member_called_with_another_input_stops_the_sharing():
     model = tiny_llama()
     q, k, v = attention(model)
-    group = q.__dict__["_shared_input"]
+    group = shared(q)
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
         q(x)
@@ -198,7 +203,7 @@ def test_a_member_called_with_another_input_stops_the_sharing():
 def test_a_member_never_called_stops_the_sharing():
     model = tiny_llama()
     q, _, _ = attention(model)
-    group = q.__dict__["_shared_input"]
+    group = shared(q)
     with torch.no_grad():
         q(torch.randn(1, 2, 64))
         x = torch.randn(1, 2, 64)
@@ -223,7 +228,7 @@ def test_a_member_changed_after_the_shared_call_recomputes():
 def test_training_calls_do_not_share():
     model = tiny_llama()
     q = attention(model)[0]
-    group = q.__dict__["_shared_input"]
+    group = shared(q)
     mh.trainable_scales(model)
     x = torch.randn(1, 3, 64)
     y = q(x)
@@ -240,8 +245,8 @@ def test_copies_and_pickles_keep_the_plan_without_kept_outputs():
         q(x)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         cq, ck, cv = attention(clone)
-        group = cq.__dict__["_shared_input"]
-        assert group is ck.__dict__["_shared_input"] and group.members == (cq, ck, cv)
+        group = shared(cq)
+        assert group is shared(ck) and group.members == (cq, ck, cv)
         assert all(entry is None for entry in group._pending)
         with torch.no_grad():
             assert torch.equal(ck(x), alone(ck, x)) and torch.equal(cq(x), alone(cq, x))

@@ -246,7 +246,7 @@ class NumbaLayer:
         self.forced_path, path_reason = _forced_path()
         self.error = isa_reason or path_reason
         self.n, self.k = packed.shape
-        self.data = np.ascontiguousarray(packed.data.numpy() if arrays.is_torch(packed.data) else packed.data)
+        self.data = packed.data.numpy() if arrays.is_torch(packed.data) else packed.data
         self.router, self.s_in, self.s_out = _float32(router), _float32(experts.s_in), _float32(experts.s_out)
         self.bias = np.zeros(self.n, np.float32) if bias is None else _float32(bias)
         self.fast = fast
@@ -262,7 +262,7 @@ class NumbaLayer:
         (`layout.row_blocks`), for the portable ones the format v1 bytes; derived on first use and kept by this
         layer only."""
         if self._codes is None:
-            lanes = (FAST_LANES if self.fast else LANES)[self.isa]
+            lanes = _lanes(self)
             codes = self.data if lanes == 1 else layout.row_blocks(self.data, lanes)
             self._codes = (-(-self.n // lanes) * lanes, codes)
         return self._codes
@@ -277,11 +277,8 @@ class NumbaLayer:
         self.kernel_seconds[0] += time.perf_counter() - start
 
     def __call__(self, x: Any) -> Any:
-        if self.error:
-            raise ValueError(self.error)
-        m = math.prod(x.shape[:-1])
-        bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
-        if path_for(m, self.isa, bf16, self.forced_path) == "gemm" and not self.fast:
+        m, bf16, gemm = _route(self, x)
+        if gemm:
             if bf16:
                 return _bf16_gemm(x.reshape(m, self.k), self).reshape(*x.shape[:-1], self.n)
             x32 = _float32(x).reshape(m, self.k)
@@ -315,11 +312,8 @@ class NumbaGroup:
         self._plans: dict[tuple[bool, bool], tuple[Any, tuple[Any, ...]]] = {}
 
     def __call__(self, x: Any) -> list[Any]:
-        if self.error:
-            raise ValueError(self.error)
-        m = math.prod(x.shape[:-1])
-        bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
-        if path_for(m, self.isa, bf16, self.forced_path) == "gemm" and not self.fast:
+        m, bf16, gemm = _route(self, x)
+        if gemm:
             return [layer(x) for layer in self.layers]
         return self.lookup(x, m, bf16)
 
@@ -327,10 +321,10 @@ class NumbaGroup:
         """(compiled group kernel, the layers' constant arguments), kept per (serial, bf16)."""
         found = self._plans.get((serial, bf16))
         if found is None:
-            lanes = (FAST_LANES if self.fast else LANES)[self.isa]
             constants = tuple((layer.router, layer.s_in, layer.s_out, layer.bias, *layer.codes()[::-1])
                               for layer in self.layers)
-            found = self._plans[(serial, bf16)] = (_kernels.group_kernel(self.fast, lanes, serial, bf16), constants)
+            kernel = _kernels.group_kernel(self.fast, _lanes(self), serial, bf16)
+            found = self._plans[(serial, bf16)] = (kernel, constants)
         return found
 
     def lookup(self, x: Any, m: int, bf16: bool) -> list[Any]:
@@ -351,6 +345,21 @@ class NumbaGroup:
         layers = tuple((*c[:5], arrays.empty(x32, (m, c[5]), np.float32)) for c in constants)
         lead._compiled(run, x32, self.kp, layers, arrays.poisoning())
         return [_output(c[-1][:, :layer.n], x) for c, layer in zip(layers, self.layers, strict=True)]
+
+
+def _lanes(owner: NumbaLayer | NumbaGroup) -> int:
+    """Rows per block of the owner's lookup kernels (its precision on its instruction set)."""
+    return (FAST_LANES if owner.fast else LANES)[owner.isa]
+
+
+def _route(owner: NumbaLayer | NumbaGroup, x: Any) -> tuple[int, bool, bool]:
+    """(M, bfloat16 torch tokens?, gemm path?) of a call with x (..., K); raises the owner's forced-setting
+    error."""
+    if owner.error:
+        raise ValueError(owner.error)
+    m = math.prod(x.shape[:-1])
+    bf16 = arrays.is_torch(x) and arrays.dtype_name(x) == "bfloat16"
+    return m, bf16, path_for(m, owner.isa, bf16, owner.forced_path) == "gemm" and not owner.fast
 
 
 def _output(y: np.ndarray, x: Any) -> Any:
