@@ -101,6 +101,18 @@ def test_the_data_start_reads_each_distinct_input_once(arch, groups):
     assert all(x.shape[0] == 4 * 16 for _, x in inputs) and inputs[0][1].shape[1] == width
 
 
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_the_data_start_computes_each_inputs_grams_once(monkeypatch, num_experts):
+    """q, k, v (and gate, up) share their input's Grams: per Llama block, 4 distinct inputs give 4 whole Grams
+    and, for E = 4, 4 group Grams each (a nonempty group on 4 x 16 tokens), not one set per layer (7)."""
+    gram, calls = calibration.fitting.gram, []
+    monkeypatch.setattr(calibration.fitting, "gram", lambda x: calls.append(x.shape) or gram(x))
+    _, report = calibrated(steps_per_block=0, num_experts=num_experts, start="data")
+    whole = [shape for shape in calls if shape[0] == 4 * 16]
+    assert len(whole) == 4 * len(report.blocks)
+    assert len(calls) == len(whole) * (1 + (num_experts if num_experts > 1 else 0))
+
+
 def test_with_no_steps_the_packed_error_is_the_start_error():
     """Steps 0: the block is the paper's start, packed; the two errors are measured on the same stream by
     different code (the MoSLinear before packing, the student pass after), so they must agree."""

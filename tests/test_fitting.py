@@ -112,8 +112,8 @@ def test_each_expert_serves_its_own_group_better_than_the_shared_fit():
     x = torch.cat([tokens(400, k, seed=7), tokens(400, k, seed=8)])
     labels = torch.arange(2).repeat_interleave(400)
     s_out, s_in = rank1_abs_factors(w)
-    s_outs, s_ins = fitting.data_start(w, x, s_out, s_in, 2, labels)
-    shared_out, shared_in = fitting.data_start(w, x, s_out, s_in, 1)
+    s_outs, s_ins = fitting.data_start(w, fitting.input_grams(x, 2, labels), s_out, s_in)
+    shared_out, shared_in = fitting.data_start(w, fitting.input_grams(x), s_out, s_in)
     for e in range(2):
         h = fitting.gram(x[labels == e])
         own = fitting.output_error(w, h, s_outs[e], s_ins[e])
@@ -129,6 +129,14 @@ def test_degenerate_tokens_give_finite_experts_and_router(x):
     labels, router = fitting.cluster_inputs(x, 4, torch.Generator().manual_seed(0))
     assert labels.shape == (x.shape[0],) and router.shape == (4, 8) and bool(torch.isfinite(router).all())
     s_out, s_in = rank1_abs_factors(w)
-    s_outs, s_ins = fitting.data_start(w, x, s_out, s_in, 4, labels)
+    s_outs, s_ins = fitting.data_start(w, fitting.input_grams(x, 4, labels), s_out, s_in)
     assert s_outs.shape == (4, 6) and s_ins.shape == (4, 8)
     assert bool(torch.isfinite(s_outs).all() and torch.isfinite(s_ins).all())
+
+
+def test_expert_grams_need_labels_that_match_the_tokens():
+    x = tokens(10, 4)
+    with pytest.raises(ValueError, match=r"labels: expected shape \(10,\) for E = 2, got None"):
+        fitting.input_grams(x, 2)
+    with pytest.raises(ValueError, match=r"labels: expected shape \(10,\) for E = 2, got \(9,\)"):
+        fitting.input_grams(x, 2, torch.zeros(9, dtype=torch.long))

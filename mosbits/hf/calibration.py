@@ -513,13 +513,15 @@ def _layer_inputs(model: nn.Module, block: nn.Module, names: list[str], streams:
 def _data_start(model: nn.Module, inputs: list[tuple[list[str], torch.Tensor]], num_experts: int,
                 generator: torch.Generator) -> None:
     """Refit the experts and routers of a block's `MoSLinear`s (the paper's start) to their inputs
-    (`mosbits.hf.fitting.data_start`): one clustering per distinct input, shared by the layers that read it."""
+    (`mosbits.hf.fitting.data_start`): one clustering and one set of Grams per distinct input, shared by the
+    layers that read it."""
     for names, x in inputs:
         labels, router = fitting.cluster_inputs(x, num_experts, generator) if num_experts > 1 else (None, None)
+        device = model.get_submodule(names[0]).weight.device
+        grams = fitting.input_grams(x.to(device), num_experts, None if labels is None else labels.to(device))
         for name in names:
             layer = model.get_submodule(name)
-            s_out, s_in = fitting.data_start(layer.weight, x.to(layer.weight.device), layer.s_out[0], layer.s_in[0],
-                                             num_experts, labels)
+            s_out, s_in = fitting.data_start(layer.weight, grams, layer.s_out[0], layer.s_in[0])
             layer.s_out.copy_(s_out)
             layer.s_in.copy_(s_in)
             if router is not None:

@@ -13,8 +13,9 @@ gates change nothing and the router gets no gradient. The functions here use wha
   ``(H * C^T C) s_in = colsum((W H) * C)`` with C = B * s_out[:, None].
 - `cluster_inputs`: spherical k-means of the input tokens into E groups, and a router whose rows point at the
   group centres, with one temperature chosen so the mean top gate on the tokens has a set value.
-- `data_start`: expert e fitted on the Gram of its group (shrunk towards the whole layer's); with the router
-  from the centres, a token reaches the expert fitted to tokens like it from step 0.
+- `input_grams`, `data_start`: expert e fitted on the Gram of its group (shrunk towards the whole layer's), the
+  Grams computed once per input for all the layers that read it; with the router from the centres, a token
+  reaches the expert fitted to tokens like it from step 0.
 
 `mosbits.hf.calibrate(start="data")` uses them. Measured on SmolLM2-135M (README, "Post-training calibration"):
 a lower error per layer on held-out tokens and per block at the start, but after block reconstruction a higher
@@ -23,6 +24,8 @@ fit the few thousand calibration tokens), so they are not offered.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -111,25 +114,56 @@ def cluster_inputs(x: torch.Tensor, num_experts: int, generator: torch.Generator
     return labels, (centres * high).to(x.dtype)
 
 
-def data_start(weight: torch.Tensor, x: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor, num_experts: int,
-               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+class InputGrams(NamedTuple):
+    """The Grams (`gram`) one input gives every layer that reads it: computed once, shared by q/k/v or gate/up.
+
+    Attributes:
+        whole: (K, K) float64 Gram of all the tokens.
+        experts: E entries: (K, K) float64 Gram of expert e's group shrunk towards ``whole`` (``H_e + SHRINK * H``),
+            or None for an empty group; empty when E = 1 (the whole fit is the only one).
+    """
+
+    whole: torch.Tensor
+    experts: tuple[torch.Tensor | None, ...]
+
+
+def input_grams(x: torch.Tensor, num_experts: int = 1, labels: torch.Tensor | None = None) -> InputGrams:
+    """The Grams of the tokens x (T, K) for `data_start`.
+
+    Args:
+        x: (T, K) the layer's input tokens (a few thousand suffice).
+        num_experts: E.
+        labels: (T,) the tokens' groups in [0, E) from `cluster_inputs`; needed when E > 1.
+
+    Raises:
+        ValueError: E > 1 without labels, or labels that do not match x.
+    """
+    h = gram(x)
+    if num_experts == 1:
+        return InputGrams(h, ())
+    if labels is None or labels.shape != (x.shape[0],):
+        raise ValueError(f"labels: expected shape ({x.shape[0]},) for E = {num_experts}, got "
+                         f"{None if labels is None else tuple(labels.shape)}")
+    return InputGrams(h, tuple(gram(x[labels == e]) + SHRINK * h if bool((labels == e).any()) else None
+                               for e in range(num_experts)))
+
+
+def data_start(weight: torch.Tensor, grams: InputGrams, s_out: torch.Tensor,
+               s_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert scales of a BinaryMoS layer fitted to its inputs, for the signs of W.
 
     Args:
         weight: (N, K) dense weight.
-        x: (T, K) the layer's input tokens (a few thousand suffice).
+        grams: the Grams of the layer's inputs (`input_grams`), on weight's device; E = max(1, len(experts)).
         s_out, s_in: (N,), (K,) the paper's start, where the fits begin.
-        num_experts: E.
-        labels: (T,) the tokens' groups in [0, E) from `cluster_inputs`; needed when E > 1.
 
     Returns:
-        (S_out (E, N), S_in (E, K)) float64: expert e fitted on group e (its Gram shrunk towards the whole
-        layer's by `SHRINK`; an empty group keeps the fit on all tokens, the only fit when E = 1).
+        (S_out (E, N), S_in (E, K)) float64: expert e fitted on group e's Gram (an empty group keeps the fit on
+        all tokens, the only fit when E = 1).
     """
-    h = gram(x)
-    s_out, s_in = fit_scales(weight, h, s_out, s_in, iterations=3)
-    if num_experts == 1:
+    s_out, s_in = fit_scales(weight, grams.whole, s_out, s_in, iterations=3)
+    if not grams.experts:
         return s_out[None], s_in[None]
-    fits = [fit_scales(weight, gram(x[labels == e]) + SHRINK * h, s_out, s_in, iterations=2)
-            if bool((labels == e).any()) else (s_out, s_in) for e in range(num_experts)]
+    fits = [fit_scales(weight, h, s_out, s_in, iterations=2) if h is not None else (s_out, s_in)
+            for h in grams.experts]
     return torch.stack([f[0] for f in fits]), torch.stack([f[1] for f in fits])
