@@ -160,13 +160,26 @@ def base_config(path: str | os.PathLike, keep_auto_map: bool = False, **hub_kwar
     return config
 
 
+def _hub_arguments() -> frozenset[str]:
+    """The keyword arguments with which transformers' file lookup reads a folder or hub id (cache_dir, proxies,
+    token, revision, ...), taken from its signature: ``AutoModel.from_pretrained`` passes them to the config's
+    ``from_pretrained`` and also passes them again beside the unused keyword arguments that it returns, so
+    one left among those becomes a duplicate argument (transformers 5.25 added ``proxies`` there)."""
+    import inspect
+
+    from transformers.utils.hub import cached_files
+
+    parameters = inspect.signature(cached_files).parameters
+    return frozenset(name for name, p in parameters.items()
+                     if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD))
+
+
 def load_config(path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
     """What the folder's ``MosbitsConfig.from_pretrained`` returns: `base_config` with its ``auto_map``, with
     keyword arguments that name config attributes applied as ``from_pretrained`` applies them; honours
     ``return_unused_kwargs``."""
     return_unused = kwargs.pop("return_unused_kwargs", False)
-    hub = {k: kwargs.pop(k) for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
-                                      "subfolder") if k in kwargs}
+    hub = {k: kwargs.pop(k) for k in _hub_arguments() if k in kwargs}
     for name in ("trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "name_or_path"):
         kwargs.pop(name, None)
     config = base_config(path, keep_auto_map=True, **hub)
@@ -183,7 +196,7 @@ def load_model(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
     """What the folder's ``MosbitsForCausalLM.from_pretrained`` returns: `mosbits.hf.load` of the folder."""
     from mosbits.hf.quantizer import load
 
-    for name in ("trust_remote_code", "code_revision", "adapter_kwargs"):
+    for name in ("trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto"):
         kwargs.pop(name, None)
     if kwargs.get("quantization_config") is None:  # tools pass None for "the folder's own"
         kwargs.pop("quantization_config", None)
