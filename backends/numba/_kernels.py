@@ -346,19 +346,24 @@ def bfloat16_to_float32(bits, out):
             wide[m, i] = np.uint32(np.uint16(bits[m, i])) << np.uint32(16)
 
 
+@njit(cache=True, inline="always")
+def _bfloat16_bits(u):
+    """The bfloat16 pattern (int16) of the float32 whose bits are ``u`` (uint32), rounded to nearest even as
+    torch rounds (bit for bit, checked against torch); a NaN stays a NaN (the quiet 0x7FC0 with its sign)."""
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        half = (u >> np.uint32(16)) & np.uint32(0x8000) | np.uint32(0x7FC0)
+    else:
+        half = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.int16(np.uint16(half))
+
+
 @njit(cache=True)
 def float32_to_bfloat16(values, n, out):
-    """out (M, N) int16 = the bfloat16 patterns of values[:, :n] (float32), rounded to nearest even as torch
-    rounds (bit for bit, checked against torch); a NaN stays a NaN (the quiet 0x7FC0 with its sign)."""
+    """out (M, N) int16 = the bfloat16 patterns of values[:, :n] (float32), rounded as `_bfloat16_bits`."""
     wide = values.view(np.uint32)
     for m in range(out.shape[0]):
         for i in range(n):
-            u = wide[m, i]
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                half = (u >> np.uint32(16)) & np.uint32(0x8000) | np.uint32(0x7FC0)
-            else:
-                half = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            out[m, i] = np.int16(np.uint16(half))
+            out[m, i] = _bfloat16_bits(wide[m, i])
 
 
 def _group_template(x, kp, layers, poison):
@@ -502,3 +507,60 @@ def row_blocks(data, lanes, out):
             else:
                 for j in range(kbytes):
                     out[b, lanes * j + r] = 0
+
+
+DENSE_ROWS = 16
+"""Weight rows per parallel work item of the dense kernels: 16 rows of a 4096-wide bfloat16 matrix are 128 KiB."""
+HIGH_HALF = np.uint32(0xFFFF0000)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _bf16_pairs_dot(words, even, odd):
+    """sum_j W[2j] even[j] + W[2j + 1] odd[j] in float32 for one row of bfloat16 patterns two to a uint32 word
+    (little-endian: element 2j in the low half). A bfloat16 is the top half of a float32, so each half becomes a
+    float32 by a shift or a mask, with no conversion: the row streams at memory speed."""
+    acc = np.float32(0.0)
+    for j in range(words.shape[0]):
+        u = words[j]
+        acc += _simd.float_from_bits(u << np.uint32(16)) * even[j] + _simd.float_from_bits(u & HIGH_HALF) * odd[j]
+    return acc
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _f32_dot(row, x, _):
+    acc = np.float32(0.0)
+    for j in range(row.shape[0]):
+        acc += row[j] * x[j]
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _bfloat16_of(value):
+    return _bfloat16_bits(_simd.bits_of_float(value))
+
+
+@njit(cache=True, inline="always")
+def _same(value):
+    return value
+
+
+DOT, FINISH = _f32_dot, _same
+"""In the dense template: the row's dot product and the output's conversion (bound by `_variant`)."""
+
+
+def _dense_template(rows, x_a, x_b, bias, out):
+    for chunk in prange(-(-rows.shape[0] // DENSE_ROWS)):
+        for r in range(chunk * DENSE_ROWS, min(rows.shape[0], (chunk + 1) * DENSE_ROWS)):
+            row = rows[r]
+            for m in range(x_a.shape[0]):
+                out[m, r] = FINISH(DOT(row, x_a[m], x_b[m]) + bias[r])
+
+
+dense_bf16 = _variant(_dense_template, "dense_bf16", True, DOT=_bf16_pairs_dot, FINISH=_bfloat16_of)
+"""dense_bf16(words (V, K / 2) uint32, x_even (M, K / 2) float32, x_odd (M, K / 2), bias (V,) float32,
+out_bits (M, V) int16): y = x @ W.T + bias for a bfloat16 W whose patterns ``words`` holds two to a word
+(`_bf16_pairs_dot`), x split into x[:, 0::2] and x[:, 1::2] (exact: x is bfloat16), summed in float32 and
+rounded to bfloat16 patterns (`_bfloat16_bits`); each row of W is read once, for all M tokens."""
+dense_f32 = _variant(_dense_template, "dense_f32", True)
+"""dense_f32(w (V, K), x (M, K), x again (unused), bias (V,), out (M, V)), float32: out = x @ w.T + bias, each row
+of w read once."""

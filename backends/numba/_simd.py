@@ -305,3 +305,21 @@ def prefetch(typingctx, array, offset):
         return context.get_dummy_value()
 
     return types.void(array, offset), codegen
+
+
+@intrinsic
+def float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits`` (a bitcast: no conversion, no rounding)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F32)
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def bits_of_float(typingctx, value):
+    """The uint32 bit pattern of the float32 ``value`` (a bitcast)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I32)
+
+    return types.uint32(types.float32), codegen

@@ -21,7 +21,7 @@ from mosbits.hf.checkpoints import convert_binarymos
 from mosbits.hf.config import MoSConfig
 from mosbits.hf.distillation import DistillationTrainer, distill, distillation_loss
 from mosbits.hf.evaluate import ModelSize, generation_speed, model_size, perplexity
-from mosbits.hf.layers import MoSLinear, PackedMoSLinear, set_precision, trainable_scales
+from mosbits.hf.layers import DecodeLinear, MoSLinear, PackedMoSLinear, set_precision, trainable_scales
 from mosbits.hf.quantizer import MoSHfQuantizer, check_packed, load, register
 from mosbits.hf.surgery import binarize, pack
 from mosbits.hf.synthetic import random_packed
@@ -30,6 +30,7 @@ register()
 
 __all__ = [
     "CalibrationReport",
+    "DecodeLinear",
     "DistillationTrainer",
     "MoSConfig",
     "MoSHfQuantizer",

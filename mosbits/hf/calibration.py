@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from mosbits.hf import fitting
 from mosbits.hf.config import MoSConfig
 from mosbits.hf.evaluate import distinct
-from mosbits.hf.fusion import share_inputs
+from mosbits.hf.fusion import plan
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts, trainable_scales
 from mosbits.hf.surgery import (
     LINEAR_TYPES,
@@ -246,7 +246,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     streams.close()
     seconds["blocks"] = sum(r.seconds for r in results)
     _record(model, MoSConfig(num_experts=num_experts, modules=[n for b in blocks for n in layers[b]]))
-    share_inputs(model)
+    plan(model)
 
     losses: list[float] = []
     if distill_steps:

@@ -5,7 +5,8 @@ Transformers calls them one after the other; at batch 1 each call costs tens of 
 conversions around a kernel of about the same length. `share_inputs` links such siblings into a `SharedInput`:
 the first of them called with x computes every member's output for x in one `mosbits.PreparedGroup` call
 (numba: one compiled call, one conversion of x) and keeps the others' outputs until they are called with the
-same x. The on-disk format does not change (one layer per linear); the plan is built when a packed model is
+same x. The on-disk format does not change (one layer per linear); the plan (`plan`: this sharing, and the
+dense lm_head served by `mosbits.hf.layers.DecodeLinear` at decode batch sizes) is built when a packed model is
 built or loaded (`mosbits.hf.load`, ``from_pretrained``, `mosbits.hf.pack`, `mosbits.hf.calibrate`,
 `mosbits.hf.random_packed`), so no extra call is needed.
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 import mosbits
-from mosbits.hf.layers import PackedMoSLinear
+from mosbits.hf.layers import PackedMoSLinear, serve_dense_linears
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
                  ("w1", "w3"))
@@ -98,6 +99,13 @@ class SharedInput:
         self.sharing = state["sharing"]
 
 
+def plan(model: nn.Module) -> None:
+    """The runtime plan of a packed model, built where one is built or loaded: `share_inputs`, and the dense
+    linears it keeps (its lm_head) served at decode batch sizes by `mosbits.hf.layers.DecodeLinear`."""
+    share_inputs(model)
+    serve_dense_linears(model)
+
+
 def share_inputs(model: nn.Module) -> int:
     """Link the packed layers of ``model`` that read one input (`SHARED_INPUTS`: siblings under one parent with
     equal in_features) into `SharedInput` groups; returns how many groups there are. Idempotent; layers not in a
@@ -117,4 +125,4 @@ def share_inputs(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["SHARED_INPUTS", "SharedInput", "share_inputs"]
+__all__ = ["SHARED_INPUTS", "SharedInput", "plan", "share_inputs"]

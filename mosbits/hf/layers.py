@@ -14,6 +14,7 @@ authors do), which maps a weight of exactly 0 to 0; `PackedMoSLinear` holds one 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -238,6 +239,44 @@ class PackedMoSLinear(_MoSShape):
         router = self.router if self.router is not None else self.s_in.new_zeros(1, self.in_features)
         packed = mosbits.PackedSigns(self.signs, (self.out_features, self.in_features))
         return packed, mosbits.Experts(self.s_in, self.s_out), router, self.bias
+
+class DecodeLinear(nn.Linear):
+    """A dense ``nn.Linear`` whose inference on a token or two, on the CPU in bfloat16 or float32, runs the numba
+    backend's dense kernel (`mosbits.backends.numba.dense`: the weight read once at memory speed; torch's
+    matrix-vector product reached about half of that here); every other call is ``nn.Linear.forward``.
+
+    Same parameters, ``state_dict`` and precision as the ``nn.Linear`` it was (`serve_dense_linears` changes the
+    class of a model's own module, so tied weights stay tied); only the summation order differs. A packed model
+    keeps its lm_head dense (the paper keeps it 16-bit), and at batch 1 that head is most of the bytes read per
+    token. ``MOSBITS_BACKEND`` set to a backend other than numba turns it off, and traces and compiled graphs
+    (``torch.jit.trace``, ``torch.compile``, ONNX export) record the plain ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = _numba_backend()
+        if (backend is not None and os.environ.get(dispatch.ENV_VAR, "numba") in ("numba", "auto")
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and not backend.dense_refusal(x, self.weight, self.bias)):
+            return backend.run_dense(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+@functools.cache
+def _numba_backend() -> Any:
+    """The numba backend's module, or None where numba is not installed."""
+    return dispatch.load("numba") if "numba" in dispatch.available() else None
+
+
+def serve_dense_linears(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` a `DecodeLinear` (in place: the modules keep their identity and
+    tensors); returns how many. Nothing changes where the numba backend is not installed."""
+    if _numba_backend() is None:
+        return 0
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    for layer in layers:
+        layer.__class__ = DecodeLinear
+    return len(layers)
+
 
 def check_num_experts(num_experts: Any) -> None:
     """Raise unless ``num_experts`` is an int >= 1."""

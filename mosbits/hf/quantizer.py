@@ -20,7 +20,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from mosbits.format import FORMAT_VERSION
 from mosbits.hf.config import QUANT_METHOD, MoSConfig
-from mosbits.hf.fusion import share_inputs
+from mosbits.hf.fusion import plan
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear
 from mosbits.hf.remote import base_config, mark
 from mosbits.hf.surgery import freeze_all_but_mos, linear_shape, replace_module
@@ -67,7 +67,7 @@ class MoSHfQuantizer(HfQuantizer):
             if not own_tensors:
                 parent._is_hf_initialized = True
         if self.quantization_config.packed:
-            share_inputs(model)
+            plan(model)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from mosbits.hf.config import MoSConfig
-from mosbits.hf.fusion import share_inputs
+from mosbits.hf.fusion import plan
 from mosbits.hf.layers import MoSLinear, PackedMoSLinear, check_num_experts
 from mosbits.hf.remote import mark
 
@@ -141,7 +141,7 @@ def pack(model: nn.Module) -> nn.Module:
     for name in names:
         replace_module(model, name, PackedMoSLinear.from_mos(model.get_submodule(name)))
     _record(model, MoSConfig(num_experts=experts.pop(), modules=names))
-    share_inputs(model)
+    plan(model)
     return model
 
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from mosbits.format import padding_mask, row_bytes
 from mosbits.hf.config import MoSConfig
-from mosbits.hf.fusion import share_inputs
+from mosbits.hf.fusion import plan
 from mosbits.hf.layers import PackedMoSLinear, check_num_experts
 from mosbits.hf.remote import mark
 from mosbits.hf.surgery import linear_shape, replace_module, select_linears
@@ -62,7 +62,7 @@ def random_packed(config: PretrainedConfig, num_experts: int = 4, dtype: torch.d
         torch.manual_seed(seed)
         materialize(model)
     model.config.quantization_config = MoSConfig(num_experts=num_experts, modules=names)
-    share_inputs(model)
+    plan(model)
     mark(model)
     return model.eval()
 

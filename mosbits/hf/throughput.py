@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from mosbits.hf.layers import PackedMoSLinear
+from mosbits.hf.layers import DecodeLinear, PackedMoSLinear
 
 SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -167,10 +167,11 @@ def measure(model: nn.Module, prompt: int = 8, new_tokens: int = 32, prefill: in
 
 @contextmanager
 def kernel_timer(model: nn.Module) -> Iterator[dict[str, list[float]]]:
-    """Within the block, accumulate the seconds spent in the model's packed layers: ``"calls"`` (each backend
-    call of a prepared layer or of a group of layers that share an input, `mosbits.hf.fusion`, with the
-    conversions of x and y around it) and ``"kernels"`` (for numba, the compiled call alone; for other backends
-    the same as ``"calls"``)."""
+    """Within the block, accumulate the seconds spent in the model's packed layers and in the numba dense kernel
+    of its `DecodeLinear`s (the lm_head): ``"calls"`` (each backend call of a prepared layer, of a group of
+    layers that share an input, `mosbits.hf.fusion`, or of the dense kernel, with the conversions of x and y
+    around it) and ``"kernels"`` (for numba, the compiled call alone; for other backends the same as
+    ``"calls"``)."""
     spent = {"calls": [0.0], "kernels": [0.0]}
     layers = [m for m in model.modules() if isinstance(m, PackedMoSLinear)]
     prepared = [layer.prepared() for layer in layers]
@@ -196,13 +197,38 @@ def kernel_timer(model: nn.Module) -> Iterator[dict[str, list[float]]]:
 
         caller._run = timed
         wrapped.append((caller, run))
+    patched = _time_dense_kernels(spent) if any(isinstance(m, DecodeLinear) for m in model.modules()) else []
     try:
         yield spent
     finally:
         for caller, run in wrapped:
             caller._run = run
+        for owner, name, function in patched:
+            setattr(owner, name, function)
         for run in numba_layers:
             run.kernel_seconds = None
+
+
+def _time_dense_kernels(spent: dict[str, list[float]]) -> list[tuple[Any, str, Any]]:
+    """Time the numba backend's dense path into ``spent`` (its `run_dense` into "calls", the compiled kernels into
+    "kernels") by replacing the module attributes through which it is called; returns what to put back."""
+    from mosbits.backends import numba as backend
+
+    patched = [(backend, "run_dense", "calls"), (backend._kernels, "dense_bf16", "kernels"),
+               (backend._kernels, "dense_f32", "kernels")]
+    originals = []
+    for owner, name, key in patched:
+        function = getattr(owner, name)
+
+        def timed(*args: Any, function: Any = function, key: str = key) -> Any:
+            start = time.perf_counter()
+            out = function(*args)
+            spent[key][0] += time.perf_counter() - start
+            return out
+
+        setattr(owner, name, timed)
+        originals.append((owner, name, function))
+    return originals
 
 
 def reset_peak_rss() -> None:
