@@ -8,12 +8,16 @@ import re
 
 import numpy as np
 import pytest
-from conftest import require_backend
+from conftest import REQUIRED
 
-from mosbits import arrays, testing
+from mosbits import arrays, dispatch, testing
 
 torch = pytest.importorskip("torch")
-numba_backend = require_backend("numba")
+if not dispatch.spec("numba").is_installed():
+    if "numba" in REQUIRED:
+        raise ImportError("MOSBITS_TEST_BACKENDS requires numba, which is not installed")
+    pytest.skip("numba not installed: pip install 'mosbits[numba]'", allow_module_level=True)
+numba_backend = dispatch.load("numba")
 mh = pytest.importorskip("mosbits.hf")
 from mosbits.hf import layers  # noqa: E402
 
@@ -143,6 +147,13 @@ def test_the_head_runs_the_dense_kernel_for_a_token_or_two_and_torch_for_more(dt
     monkeypatch.delenv("MOSBITS_BACKEND")
     head(x).float().sum().backward()
     assert head.weight.grad is not None and not calls
+
+
+def test_without_numba_the_head_stays_a_plain_linear(monkeypatch):
+    installed = dispatch.BackendSpec.is_installed
+    monkeypatch.setattr(dispatch.BackendSpec, "is_installed", lambda spec: spec.name != "numba" and installed(spec))
+    model = tiny_llama()
+    assert type(model.lm_head) is torch.nn.Linear and layers.serve_dense_linears(model) == 0
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")

@@ -263,14 +263,15 @@ class DecodeLinear(nn.Linear):
 
 @functools.cache
 def _numba_backend() -> Any:
-    """The numba backend's module, or None where numba is not installed."""
+    """The numba backend's module, or None where numba is not installed; imported on the first call of a
+    `DecodeLinear`, not when a model is built."""
     return dispatch.load("numba") if "numba" in dispatch.available() else None
 
 
 def serve_dense_linears(model: nn.Module) -> int:
     """Make every plain ``nn.Linear`` of ``model`` a `DecodeLinear` (in place: the modules keep their identity and
     tensors); returns how many. Nothing changes where the numba backend is not installed."""
-    if _numba_backend() is None:
+    if not dispatch.spec("numba").is_installed():
         return 0
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     for layer in layers:
