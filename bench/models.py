@@ -44,3 +44,29 @@ class ModelDecode:
         return sum(self.speed.bytes.values()) / 1e6
 
     track_megabytes_per_token.unit = "MB"
+
+
+class DenseHead:
+    """A packed model's dense lm_head at batch 1 (49152-token vocabulary): torch's ``F.linear`` against the numba
+    backend's dense kernel (`mosbits.hf.DecodeLinear`), bfloat16 and float32."""
+
+    params = (["49152x576", "49152x4096"], ["bfloat16", "float32"], ["torch", "mosbits"])
+    param_names = ["shape", "dtype", "impl"]
+
+    def setup(self, shape, dtype, impl):
+        if not (dispatch.spec("torch").is_installed() and dispatch.spec("numba").is_installed()):
+            raise NotImplementedError("needs the torch and numba extras")
+        import torch
+
+        from mosbits.backends import numba as backend
+
+        torch.set_num_threads(2)
+        v, k = map(int, shape.split("x"))
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(v, k, generator=generator).to(getattr(torch, dtype))
+        self.x = torch.randn(1, k, generator=generator).to(self.weight.dtype)
+        self.run = backend.dense if impl == "mosbits" else torch.nn.functional.linear
+        self.run(self.x, self.weight)
+
+    def time_head(self, shape, dtype, impl):
+        self.run(self.x, self.weight)

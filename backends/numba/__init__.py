@@ -336,11 +336,11 @@ class NumbaGroup:
 
             x = x.detach() if x.requires_grad else x
             bits = x.contiguous().view(torch.int16).numpy().reshape(m, self.k)
-            layers = tuple((*c, arrays.empty(bits, (m, layer.n), np.int16))
-                           for c, layer in zip(constants, self.layers, strict=True))
+            lead_shape = x.shape[:-1]
+            outputs = [arrays.empty(bits, (*lead_shape, layer.n), np.int16) for layer in self.layers]
+            layers = tuple((*c, y.reshape(m, y.shape[-1])) for c, y in zip(constants, outputs, strict=True))
             lead._compiled(run, bits, self.kp, layers, arrays.poisoning())
-            return [torch.from_numpy(c[-1]).view(torch.bfloat16).reshape(*x.shape[:-1], c[-1].shape[1])
-                    for c in layers]
+            return [torch.from_numpy(y).view(torch.bfloat16) for y in outputs]
         x32 = _float32(x).reshape(m, self.k)
         layers = tuple((*c[:5], arrays.empty(x32, (m, c[5]), np.float32)) for c in constants)
         lead._compiled(run, x32, self.kp, layers, arrays.poisoning())

@@ -53,22 +53,23 @@ class SharedInput:
         """y (..., N) of ``layer`` for x (..., K) (``source`` cast to the layer's dtype, or ``source`` itself):
         the output kept for it when ``source`` is the tensor it was computed from, else the whole group's outputs
         computed now (one call), the others' kept."""
-        prepared = layer.prepared()
         if not self.sharing:
-            return prepared(x)
+            return layer.prepared()(x)
         index = self._index[id(layer)]
         kept, self._pending[index] = self._pending[index], None
         if kept is not None:
+            prepared = layer.prepared()
             if kept[0] is source and kept[1] == source._version and kept[3] is prepared:
                 return kept[2]
             return self._stop(prepared, x)
         if any(entry is not None for entry in self._pending):
-            return self._stop(prepared, x)
-        group = self.prepared_group()
+            return self._stop(layer.prepared(), x)
+        layers = tuple(member.prepared() for member in self.members)
+        group = self._group_of(layers)
         if group is None or not group.layers[0].fits(x):
-            return prepared(x)
+            return layers[index](x)
         outputs = group(x)
-        version, layers = source._version, group.layers
+        version = source._version
         self._pending = [None if i == index else (source, version, y, layers[i]) for i, y in enumerate(outputs)]
         return outputs[index]
 
@@ -81,7 +82,10 @@ class SharedInput:
     def prepared_group(self) -> mosbits.PreparedGroup | None:
         """The `mosbits.PreparedGroup` of the members' current prepared layers (rebuilt when one of them is), or
         None when they cannot share a call (different precision, dtype or backend)."""
-        layers = tuple(member.prepared() for member in self.members)
+        return self._group_of(tuple(member.prepared() for member in self.members))
+
+    def _group_of(self, layers: tuple[mosbits.PreparedLayer, ...]) -> mosbits.PreparedGroup | None:
+        """`prepared_group` for the members' prepared layers ``layers``, kept while they stay the same."""
         if self._group[0] != layers:
             try:
                 group = mosbits.prepare_group(list(layers))
