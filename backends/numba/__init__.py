@@ -458,26 +458,23 @@ def _gemm(xs: np.ndarray, data: np.ndarray, out: np.ndarray) -> None:
 
 
 def _bf16_gemm(x: Any, layer: NumbaLayer) -> Any:
-    """y (M, N) bfloat16 = (bf16(x * s_in) @ B.T) * s_out + bias for x (M, K) bfloat16, in torch ops: B unpacked
-    BF16_TILE_ROWS rows at a time as exact bfloat16 +-1 for torch's bfloat16 matmul, whose bfloat16 products are
-    scaled in float32. Gates and scales in float32."""
+    """y (M, N) bfloat16 = (bf16(x * s_in) @ B.T) * s_out + bias for x (M, K) bfloat16: B unpacked BF16_TILE_ROWS
+    rows at a time as exact bfloat16 +-1 for torch's bfloat16 matmul; the gates and bf16(x * s_in) before it
+    (`_kernels.scales_bf16`) and the scaling of its bfloat16 products after it (`_kernels.finish_bf16`) are one
+    numba pass each, in float32."""
     import torch
 
-    n, k = layer.n, layer.k
-    router, s_in, s_out = (torch.from_numpy(a) for a in (layer.router, layer.s_in, layer.s_out))
-    bias = torch.from_numpy(layer.bias)
-    gates = torch.softmax(torch.mm(x.float(), router.T), dim=-1)
-    xs16 = torch.mm(gates, s_in).mul_(x).to(torch.bfloat16)
-    kp = 8 * row_bytes(k)
-    if kp > k:
-        xs16 = torch.nn.functional.pad(xs16, (0, kp - k))
-    bits = arrays.empty(layer.data, (min(BF16_TILE_ROWS, n), kp), np.uint16)
-    tile = torch.from_numpy(bits).view(torch.bfloat16)
-    y = arrays.empty(x, (x.shape[0], n), torch.bfloat16)
+    n = layer.n
+    poison = arrays.poisoning()
+    bits = x.detach().contiguous().view(torch.int16).numpy()
+    xs_bits, gates = _kernels.scales_bf16(bits, layer.router, layer.s_in, layer.kp, poison)
+    xs16 = torch.from_numpy(xs_bits).view(torch.bfloat16)
+    tile_bits = arrays.empty(layer.data, (min(BF16_TILE_ROWS, n), layer.kp), np.uint16)
+    tile = torch.from_numpy(tile_bits).view(torch.bfloat16)
+    y = arrays.empty(bits, (x.shape[0], n), np.int16)
     for n0 in range(0, n, BF16_TILE_ROWS):
         n1 = min(n, n0 + BF16_TILE_ROWS)
-        _kernels.unpack_rows_bf16(layer.data, n0, bits[:n1 - n0])
+        _kernels.unpack_rows_bf16(layer.data, n0, tile_bits[:n1 - n0])
         product = torch.mm(xs16, tile[:n1 - n0].T)
-        scale = torch.mm(gates, s_out[:, n0:n1])
-        y[:, n0:n1] = torch.addcmul(bias[n0:n1], scale, product, out=scale)
-    return y
+        _kernels.finish_bf16(product.view(torch.int16).numpy(), gates, layer.s_out, layer.bias, n0, y)
+    return torch.from_numpy(y).view(torch.bfloat16)

@@ -493,6 +493,48 @@ def scale_rows(out, gates, s_out, bias):
         _finish_rows(out[m], gates[m], s_out, bias, 0, n, np.empty(n, dtype=np.float32))
 
 
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def scales_bf16(bits, router, s_in, kp, poison):
+    """The gemm path's input side for bfloat16 tokens, in one pass: `scales`, rounded to bfloat16 as a dense
+    bfloat16 matmul rounds its input.
+
+    Args:
+        bits: (M, K) int16, the tokens' bfloat16 patterns; router, s_in: (E, K) float32; kp: K padded to 32;
+            poison: fill the gates with NaN before they are computed (tests).
+
+    Returns:
+        xs_bits: (M, Kp) int16, the bfloat16 patterns of x * (g @ s_in), zero past K.
+        gates: (M, E) float32.
+    """
+    m_count, k = bits.shape
+    xs_bits = np.zeros((m_count, kp), dtype=np.int16)
+    gates = np.empty((m_count, router.shape[0]), dtype=np.float32)
+    if poison:
+        gates[:] = np.nan
+    for m in prange(m_count):
+        x = np.empty(k, dtype=np.float32)
+        bfloat16_to_float32(bits[m:m + 1], x.reshape(1, k))
+        xs = np.zeros(k, dtype=np.float32)
+        gates[m] = _token_scales(x, router, s_in, xs)
+        for i in range(k):
+            xs_bits[m, i] = _bfloat16_of(xs[i])
+    return xs_bits, gates
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def finish_bf16(product, gates, s_out, bias, n0, out_bits):
+    """The gemm path's output side for one tile of rows, in one pass: out_bits[:, n0:n0 + T] = the bfloat16
+    patterns of product * (gates @ s_out[:, n0:n0 + T]) + bias[n0:n0 + T], with product (M, T) int16 the
+    bfloat16 patterns of a tile's matmul; gates (M, E), s_out (E, N), bias (N,) float32; out_bits (M, N) int16."""
+    m_count, t = product.shape
+    for m in prange(m_count):
+        row = np.empty(t, dtype=np.float32)
+        bfloat16_to_float32(product[m:m + 1], row.reshape(1, t))
+        _finish_rows(row, gates[m], s_out[:, n0:n0 + t], bias[n0:n0 + t], 0, t, np.empty(t, dtype=np.float32))
+        for i in range(t):
+            out_bits[m, n0 + i] = _bfloat16_of(row[i])
+
+
 @njit(parallel=True, cache=True)
 def row_blocks(data, lanes, out):
     """out (Np / lanes, Kp / 8 * lanes) uint8 = the row blocks of data (N, Kp / 8) uint8 (`layout.row_blocks`):
