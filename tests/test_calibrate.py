@@ -55,6 +55,8 @@ def test_calibrate_packs_every_block_linear_and_training_lowers_the_error(arch):
     model, report = calibrated(arch)
     layers = mos_layers(model)
     assert layers and all(isinstance(m, mh.PackedMoSLinear) for m in layers.values())
+    head = mh.DecodeLinear if mosbits.dispatch.spec("numba").is_installed() else torch.nn.Linear
+    assert type(model.get_output_embeddings()) is head
     assert model.config.quantization_config.modules == list(layers)
     assert model.config.quantization_config.packed
     assert [r.name for r in report.blocks] == calibration.decoder_blocks(model)
