@@ -89,6 +89,7 @@ def test_dense_refuses_what_it_cannot_serve():
         "weight must be contiguous": (x, weight.T.contiguous().T, b),
         "with even K": (x[:, :63], weight[:, :63].contiguous(), b),
         "at most DENSE_MAX_M = 2 tokens, got 3": (x.expand(3, 64), weight, b),
+        "4-byte aligned": (x, torch.cat([weight.new_zeros(1), weight.flatten()])[1:].view(16, 64), b),
     }
     for message, args in refusals.items():
         assert re.search(message, numba_backend.dense_refusal(*args)), message
