@@ -251,3 +251,27 @@ def test_copies_and_pickles_keep_the_plan_without_kept_outputs():
         with torch.no_grad():
             assert torch.equal(ck(x), alone(ck, x)) and torch.equal(cq(x), alone(cq, x))
         assert group.sharing
+
+
+def test_inference_mode_calls_run_alone_and_generate_the_same():
+    """Tensors made under torch.inference_mode have no version counter, so a kept output could not be checked:
+    their calls run alone (and give what the shared calls give)."""
+    model = tiny_llama(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    options = {"do_sample": False, "max_new_tokens": 4, "pad_token_id": 0}
+    with torch.no_grad():
+        expected = model.generate(ids, **options)
+    with torch.inference_mode():
+        got = model.generate(ids, **options)
+    assert torch.equal(got, expected)
+    assert all(g.sharing and all(entry is None for entry in g._pending) for g in groups_of(model).values())
+
+
+def test_a_model_built_in_inference_mode_sees_its_buffers_change():
+    with torch.inference_mode():
+        model = tiny_llama()
+        q, _, _ = attention(model)
+        x = torch.randn(1, 2, 64)
+        before = q(x)
+        q.s_out.mul_(2)
+        assert torch.equal(q(x), alone(q, x)) and not torch.equal(q(x), before)

@@ -11,7 +11,8 @@ built or loaded (`mosbits.hf.load`, ``from_pretrained``, `mosbits.hf.pack`, `mos
 `mosbits.hf.random_packed`), so no extra call is needed.
 
 A kept output is returned only to its own layer, only for the very tensor it was computed from (the same
-object, unchanged since: torch's version counter) and only while that layer's prepared form is the one that
+object, unchanged since: torch's version counter; tensors made under ``torch.inference_mode`` have none, so their
+calls run alone) and only while that layer's prepared form is the one that
 computed it. Where the assumption fails (a member called with another input, as a cross-attention's k_proj is,
 or never called at all), a computed output goes unused: the group notices, stops sharing for good and its layers
 run alone from then on, so a wrong guess costs one wasted computation, never a wrong output.
@@ -64,6 +65,8 @@ class SharedInput:
             return self._stop(prepared, x)
         if any(entry is not None for entry in self._pending):
             return self._stop(layer.prepared(), x)
+        if source.is_inference():  # no version counter (torch.inference_mode): a kept output could not be checked
+            return layer.prepared()(x)
         layers = tuple(member.prepared() for member in self.members)
         group = self._group_of(layers)
         if group is None or not group.layers[0].fits(x):

@@ -209,12 +209,16 @@ class PackedMoSLinear(_MoSShape):
         (tracked by identity and torch's version counter: the cached layer holds the old tensors, so an identity
         is never reused while it is cached). Writes that torch does not count (through ``buffer.data`` or a NumPy
         view of a buffer) are not seen: change buffers with in-place torch ops, ``load_state_dict`` or
-        assignment."""
+        assignment. Buffers made under ``torch.inference_mode`` carry no version counter: such a layer is prepared
+        anew on every call (correct, and slow)."""
         held = self._held
         signs, s_in, s_out, router, bias = held("signs"), held("s_in"), held("s_out"), held("router"), held("bias")
-        key = (self.precision, os.environ.get(dispatch.ENV_VAR), id(signs), signs._version, id(s_in),
-               s_in._version, id(s_out), s_out._version, id(router), router is not None and router._version,
-               id(bias), bias is not None and bias._version)
+        try:
+            key = (self.precision, os.environ.get(dispatch.ENV_VAR), id(signs), signs._version, id(s_in),
+                   s_in._version, id(s_out), s_out._version, id(router), router is not None and router._version,
+                   id(bias), bias is not None and bias._version)
+        except RuntimeError:  # buffers made under torch.inference_mode have no version counter: never cached
+            return mosbits.prepare(*self.matmul_args(), precision=self.precision)
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != key:
             cached = (key, mosbits.prepare(*self.matmul_args(), precision=self.precision))
