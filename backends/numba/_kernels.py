@@ -225,7 +225,7 @@ def _sweep_template(lookup, blocks, gates, s_out, bias, out, row_chunk):
     n = s_out.shape[1]
     n_blocks = blocks.shape[0]
     kbytes = blocks.shape[1] // LANES
-    ahead = PREFETCH_BLOCKS * blocks.shape[1]
+    ahead = (PREFETCH_BLOCKS if blocks.shape[1] >= PREFETCH_WIDE_BYTES else 1) * blocks.shape[1]
     for chunk in prange(-(-n_blocks // row_chunk)):
         b0 = chunk * row_chunk
         b1 = min(n_blocks, b0 + row_chunk)
@@ -271,10 +271,13 @@ def _fast_block_template(lookup, m, codes, t0, t1, ahead, row, offset):
 
 
 PREFETCH_AHEAD = {"exact": 2, "fast": 1}
-"""How many row blocks ahead the kernels prefetch the codes they will read at the same step. Measured on an
-AVX-512 EPYC (2 threads, weights in DRAM, 4 alternating pairs): the exact kernel at 4096 x 4096 took 0.084-0.090 ms
-two blocks ahead against 0.094-0.103 one block ahead, at 11008 x 4096 0.177-0.197 against 0.197-0.208; the fast
-kernel, near the memory rate already, was no better (0.0615 against 0.059 at 4096 x 4096)."""
+"""How many row blocks ahead the kernels prefetch the codes they will read at the same step, for row blocks of
+at least PREFETCH_WIDE_BYTES (narrower blocks: one ahead). Measured on an AVX-512 EPYC (2 threads, weights in
+DRAM, 4 alternating pairs): the exact kernel at 4096 x 4096 took 0.084-0.090 ms two blocks ahead against
+0.094-0.103 one block ahead, at 11008 x 4096 0.177-0.197 against 0.197-0.208; the fast kernel, near the memory rate
+already, was no better (0.0615 against 0.059 at 4096 x 4096). SmolLM2-135M's narrow layers (blocks of 1.1-3 KiB)
+decoded about 2% slower two ahead (4 alternating process pairs), hence the width condition."""
+PREFETCH_WIDE_BYTES = 4096
 
 
 def _sweep(name: str, block_template, simd, lanes: int, prefetch_blocks: int):
