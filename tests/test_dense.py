@@ -19,6 +19,8 @@ if not dispatch.spec("numba").is_installed():
     pytest.skip("numba not installed: pip install 'mosbits[numba]'", allow_module_level=True)
 numba_backend = dispatch.load("numba")
 mh = pytest.importorskip("mosbits.hf")
+from test_fusion import tiny_llama  # noqa: E402
+
 from mosbits.hf import layers  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -101,17 +103,8 @@ def test_dense_refuses_what_it_cannot_serve():
         assert numba_backend.dense_refusal(x, trained, b) == ""
 
 
-def tiny_llama(tie=False, dtype=torch.bfloat16):
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=tie)
-    return mh.random_packed(config, num_experts=4, dtype=dtype, seed=0)
-
-
 def test_packed_models_serve_their_dense_head_where_they_are_built_or_loaded(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(torch.bfloat16)
     assert type(model.lm_head) is layers.DecodeLinear
     assert [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)] == ["lm_head"]
     model.save_pretrained(tmp_path)
@@ -127,7 +120,7 @@ def test_packed_models_serve_their_dense_head_where_they_are_built_or_loaded(tmp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_head_runs_the_dense_kernel_for_a_token_or_two_and_torch_for_more(dtype, monkeypatch):
-    head = tiny_llama(dtype=dtype).lm_head
+    head = tiny_llama(dtype).lm_head
     calls = []
     run = numba_backend.run_dense
     monkeypatch.setattr(numba_backend, "run_dense", lambda *a: calls.append(a[0].shape) or run(*a))
@@ -153,13 +146,13 @@ def test_the_head_runs_the_dense_kernel_for_a_token_or_two_and_torch_for_more(dt
 def test_without_numba_the_head_stays_a_plain_linear(monkeypatch):
     installed = dispatch.BackendSpec.is_installed
     monkeypatch.setattr(dispatch.BackendSpec, "is_installed", lambda spec: spec.name != "numba" and installed(spec))
-    model = tiny_llama()
+    model = tiny_llama(torch.bfloat16)
     assert type(model.lm_head) is torch.nn.Linear and layers.serve_dense_linears(model) == 0
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_traces_record_the_plain_linear():
-    head = tiny_llama().lm_head
+    head = tiny_llama(torch.bfloat16).lm_head
     with torch.no_grad():
         traced = torch.jit.trace(head, torch.randn(1, 1, 64, dtype=torch.bfloat16))
         other = torch.randn(1, 1, 64, dtype=torch.bfloat16)
@@ -167,7 +160,7 @@ def test_traces_record_the_plain_linear():
 
 
 def test_a_tied_head_stays_tied_and_copies_keep_the_class():
-    model = tiny_llama(tie=True)
+    model = tiny_llama(torch.bfloat16, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):

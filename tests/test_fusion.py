@@ -108,9 +108,10 @@ def test_a_group_checks_an_unusual_input_in_full():
         group(x.astype(np.float16))
 
 
-def tiny_llama(dtype=torch.float32, seed=0):
+def tiny_llama(dtype=torch.float32, seed=0, tie=False):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=tie)
     return mh.random_packed(config, num_experts=4, dtype=dtype, seed=seed)
 
 

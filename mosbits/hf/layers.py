@@ -244,6 +244,7 @@ class PackedMoSLinear(_MoSShape):
         packed = mosbits.PackedSigns(self.signs, (self.out_features, self.in_features))
         return packed, mosbits.Experts(self.s_in, self.s_out), router, self.bias
 
+
 class DecodeLinear(nn.Linear):
     """A dense ``nn.Linear`` whose inference on a token or two, on the CPU in bfloat16 or float32, runs the numba
     backend's dense kernel (`mosbits.backends.numba.dense`: the weight read once at memory speed; torch's
@@ -269,7 +270,7 @@ class DecodeLinear(nn.Linear):
 def _numba_backend() -> Any:
     """The numba backend's module, or None where numba is not installed; imported on the first call of a
     `DecodeLinear`, not when a model is built."""
-    return dispatch.load("numba") if "numba" in dispatch.available() else None
+    return dispatch.load("numba") if dispatch.spec("numba").is_installed() else None
 
 
 def serve_dense_linears(model: nn.Module) -> int:
