@@ -11,6 +11,7 @@ import mosbits
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mh = pytest.importorskip("mosbits.hf")
+from conftest import DEVICE  # noqa: E402
 from test_hf import MODELS, TEXT, char_tokenizer  # noqa: E402
 
 from mosbits.hf import calibration  # noqa: E402
@@ -283,6 +284,29 @@ def test_disk_backed_activations_give_the_same_model_and_are_deleted(tmp_path):
     on_disk, _ = calibrated(offload_dir=tmp_path)
     assert_same_state(in_ram, on_disk)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_arguments_reach_the_device_through_tuples_lists_and_dicts():
+    """A block's keyword arguments hold tensors inside tuples (LLaMA's rotary (cos, sin)); all must move to the
+    training device (a GPU run failed "found at least two devices" when only top-level tensors moved). The meta
+    device stands in for a GPU here."""
+    t = torch.ones(2)
+    moved = calibration._to_device({"position_embeddings": (t, t), "ids": [t, {"mask": t}], "flag": True,
+                                    "none": None}, torch.device("meta"))
+    leaves = [*moved["position_embeddings"], moved["ids"][0], moved["ids"][1]["mask"]]
+    assert all(leaf.device.type == "meta" for leaf in leaves)
+    assert isinstance(moved["position_embeddings"], tuple) and moved["flag"] is True and moved["none"] is None
+
+
+def test_the_routers_start_is_drawn_where_the_generator_lives():
+    """A CPU generator seeds the router of a layer on MOSBITS_TEST_DEVICE (on CUDA, drawing into the device
+    tensor raised "Expected a 'cuda' device type for generator"): the router equals the one drawn on the CPU."""
+    weight = torch.randn(6, 10, device=DEVICE)
+    layer = mh.MoSLinear.from_weight(weight, None, 3, torch.Generator().manual_seed(5))
+    expected = torch.nn.init.kaiming_uniform_(torch.empty(3, 10), a=5 ** 0.5,
+                                              generator=torch.Generator().manual_seed(5))
+    assert layer.router.weight.device == weight.device
+    assert torch.equal(layer.router.weight.cpu(), expected)
 
 
 def test_trainable_scales_train_scales_and_routers_but_never_signs():

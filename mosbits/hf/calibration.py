@@ -217,7 +217,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     for index, block_name in enumerate(bar):
         block_start = time.perf_counter()
         block = model.get_submodule(block_name).to(device)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in block_kwargs.items()}
+        kwargs = _to_device(block_kwargs, device)
         streams.run_teacher(block, kwargs)
         saved = checkpoints.load_block(index) if checkpoints else None
         if saved is not None:
@@ -451,6 +451,18 @@ class _Streams:
         self.teacher = self.student = None
         for path in self.paths:
             path.unlink(missing_ok=True)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it moved to ``device``, through dicts, lists and tuples (a block's keyword
+    arguments hold e.g. the rotary ``position_embeddings`` as a (cos, sin) tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:

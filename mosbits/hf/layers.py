@@ -113,8 +113,10 @@ class MoSLinear(_MoSShape):
             layer.s_out.copy_(s_out.expand(num_experts, n))
             if bias is not None:
                 layer.bias.copy_(bias)
-            if layer.router is not None:
-                nn.init.kaiming_uniform_(layer.router.weight, a=math.sqrt(5), generator=generator)
+            if layer.router is not None:  # drawn where the generator lives: the same router on any device
+                router = torch.empty(layer.router.weight.shape, dtype=layer.router.weight.dtype,
+                                     device=generator.device if generator is not None else "cpu")
+                layer.router.weight.copy_(nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator))
         return layer
 
     def scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
