@@ -40,8 +40,23 @@ def test_bench_refuses_to_time_a_wrong_backend(capsys, monkeypatch):
 def test_bench_rejects_unknown_backend_and_shape(capsys):
     assert main(["bench", "--backends", "nope"]) == 2
     assert main(["bench", "--shapes", "4096by4096"]) == 2
+    assert main(["bench", "--cuda-graphs"]) == 2
     err = capsys.readouterr().err
-    assert "'nope'" in err and "4096by4096" in err
+    assert "'nope'" in err and "4096by4096" in err and "--cuda-graphs needs --device cuda" in err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_time_replays_the_captured_calls():
+    """Every replay runs fn ``calls`` times: 3 warm-up calls, then one untimed and ``repeats`` timed replays."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mosbits.perf.timing import cuda_graph_time
+
+    counter = torch.zeros((), device="cuda")
+    seconds = cuda_graph_time(lambda: counter.add_(1), repeats=5, calls=4, flush_bytes=1 << 20)
+    assert int(counter.item()) == 3 + 4 * (1 + 5)
+    assert np.isfinite(seconds)
 
 
 def test_bench_plot(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any
 from mosbits import __version__, dispatch, precision
 from mosbits.perf import workloads
 from mosbits.perf.tables import Progress, format_table
-from mosbits.perf.timing import cuda_median_time, median_time
+from mosbits.perf.timing import cuda_graph_time, cuda_median_time, median_time
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SUMMARY = "time every backend against dense baselines on LLaMA-7B shapes"
@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where torch workloads run (default: cpu). On cuda, times come from CUDA events with "
                              "the L2 flushed before each call, and the baselines are cuBLAS fp16/bf16/fp32")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                        help="with --device cuda: time each call inside a CUDA graph (the kernels alone, L2 flushed "
+                             "before each call; `mosbits.perf.timing.cuda_graph_time`) instead of eagerly, where "
+                             "the host's Python and launch work counts when it outlasts the flush (default: off)")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the numba decode call (first shape, M = 1) right after a torch op and a "
                              "NumPy BLAS call, and those after it: what thread pools do to each other "
@@ -108,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         for name in backends:
             dispatch.load(name)
         args.precision_list = [precision.check(p) for p in args.precisions.split(",") if p]
+        if args.cuda_graphs and not args.device.startswith("cuda"):
+            raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
     except (ValueError, ImportError) as err:
         print(f"mosbits bench: {err}", file=sys.stderr)
         return 2
@@ -246,7 +252,7 @@ def measure(label: str, shape: tuple[int, int], m: int, backends: list[str], res
 
     def timed(fn: Any) -> float:
         if args.device.startswith("cuda"):
-            return cuda_median_time(fn, args.repeats)
+            return cuda_graph_time(fn, args.repeats) if args.cuda_graphs else cuda_median_time(fn, args.repeats)
         return median_time(fn, args.repeats, budget=args.budget, warmup_time=args.warmup)
 
     dense = DENSE[args.device.split(":")[0]]
@@ -338,7 +344,8 @@ def machine_info(threads: dict[str, int], bandwidth: float, how: str, args: argp
     header = (f"mosbits bench on {cpu}, {os.cpu_count()} CPUs; threads: "
               f"{', '.join(f'{k} {v}' for k, v in threads.items()) or 'library defaults'}\n"
               f"read bandwidth {bandwidth / 1e9:.1f} GB/s ({how}); "
-              f"{', '.join(f'{k} {v}' for k, v in versions.items())}; median of <= {args.repeats} calls")
+              f"{', '.join(f'{k} {v}' for k, v in versions.items())}; median of <= {args.repeats} calls"
+              f"{' (kernels alone: CUDA graphs)' if getattr(args, 'cuda_graphs', False) else ''}")
     threading = _numba_threading()
     defaults = thread_defaults.report()
     header += "\nthread pools: " + "; ".join(f"{k} {v}" for k, v in defaults.items())
