@@ -22,7 +22,7 @@ from mosbits.format import padding_mask
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
-from mosbits.backends.triton import _host, _kernels  # noqa: E402
+from mosbits.backends.triton import _host, _kernels, _op  # noqa: E402
 
 PATHS = ("gemv", "gemm")
 ON_CUDA = DEVICE.startswith("cuda") and torch.cuda.is_available()
@@ -277,6 +277,38 @@ def test_torch_compile_traces_the_operator(tb):
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="inductor" if ON_CUDA else "aot_eager")
     for rows in (a["x"], a["x"][:1]):
         torch.testing.assert_close(compiled(rows), layer(rows), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_prepared_layers_launch_directly_and_match_the_operator(tb, monkeypatch, rows):
+    """A prepared layer skips the operator (its dispatch and checks cost more than the kernels at batch 1 on a
+    GPU) and gives the operator's output bit for bit, on both paths and a strided x."""
+    a = testing.random_case(np.random.default_rng(12), (rows,), 70, 33, 4, bias=True).arguments(
+        "torch", "float16", DEVICE)
+    layer = mosbits.prepare(a["packed"], a["experts"], a["router"], a["bias"], backend="triton")
+    expected = tb.matmul(a["x"], a["packed"], a["experts"], a["router"], a["bias"])
+    wide = a["x"].new_zeros((rows, 140))
+    wide[:, ::2] = a["x"]
+    monkeypatch.setattr(_op, "mos_matmul", None)  # a call through the operator would fail
+    with torch.no_grad():
+        torch.testing.assert_close(layer(a["x"]), expected, rtol=0, atol=0)
+        torch.testing.assert_close(layer(wide[:, ::2]), expected, rtol=0, atol=0)
+
+
+def test_prepared_layers_record_the_operator_in_compiled_graphs(tb):
+    """Under torch.compile (fullgraph: no break allowed) and torch.jit.trace, a prepared layer calls the
+    operator, so that the recorded graph holds it, and computes what the eager call does."""
+    a = testing.random_case(np.random.default_rng(13), (5,), 70, 33, 4, bias=True).arguments(
+        "torch", "float16", DEVICE)
+    layer = mosbits.prepare(a["packed"], a["experts"], a["router"], a["bias"], backend="triton")
+    with torch.no_grad():
+        eager = layer(a["x"])
+        compiled = torch.compile(lambda x: layer(x) * 2, fullgraph=True, dynamic=True,
+                                 backend="inductor" if ON_CUDA else "aot_eager")
+        torch.testing.assert_close(compiled(a["x"]), eager * 2, rtol=0, atol=0)
+        traced = torch.jit.trace(lambda x: layer(x) * 2, a["x"])
+        assert "mosbits::mos_matmul" in str(traced.graph)
+        torch.testing.assert_close(traced(a["x"]), eager * 2, rtol=0, atol=0)
 
 
 def test_autotune_has_one_config_in_the_interpreter_and_several_on_a_gpu(tb):

@@ -56,7 +56,8 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def gates(x2: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    """softmax(x2 @ router.T) over E in float32: x2 (M, K) with unit column stride, router (E, K) -> (M, E)."""
+    """softmax(x2 @ router.T) over E in float32: x2 (M, K) with unit column stride, router (E, K) contiguous ->
+    (M, E)."""
     m, k = x2.shape
     e = router.shape[0]
     out = arrays.empty(x2, (m, e), torch.float32)
@@ -65,7 +66,7 @@ def gates(x2: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
         block_k = max(16, min(1024, GATES_TILE // (block_m * block_e), triton.next_power_of_2(k)))
         with _on_device(x2):
             _kernels.gates_kernel[(triton.cdiv(m, block_m),)](
-                x2, router.contiguous(), out, m, k, x2.stride(0), NUM_EXPERTS=e, BLOCK_E=block_e, BLOCK_M=block_m,
+                x2, router, out, m, k, x2.stride(0), NUM_EXPERTS=e, BLOCK_E=block_e, BLOCK_M=block_m,
                 BLOCK_K=block_k)
     return out
 
@@ -108,7 +109,15 @@ def mos_matmul(x: torch.Tensor, signs: torch.Tensor, k: int, s_in: torch.Tensor,
         it cannot be viewed as (M, K) with unit column stride.
     """
     _check(x, signs, k, s_in, s_out, router, bias)
-    n, e = signs.shape[0], s_in.shape[0]
+    return launch(x, signs.contiguous().view(torch.int32), k, s_in.contiguous(), s_out.contiguous(),
+                  router.contiguous(), None if bias is None else bias.contiguous(), path)
+
+
+def launch(x: torch.Tensor, words: torch.Tensor, k: int, s_in: torch.Tensor, s_out: torch.Tensor,
+           router: torch.Tensor, bias: torch.Tensor | None, path: str = "auto") -> torch.Tensor:
+    """`mos_matmul` without its checks, for arguments already checked and contiguous, the signs as int32
+    ``words (N, ceil(K / 32))``. A prepared layer (`mosbits.backends.triton.TritonLayer`) calls it."""
+    n, e = words.shape[0], s_in.shape[0]
     y = arrays.empty(x, (*x.shape[:-1], n))
     m = math.prod(x.shape[:-1])
     kernel_path = choose_path(m, path)
@@ -117,11 +126,9 @@ def mos_matmul(x: torch.Tensor, signs: torch.Tensor, k: int, s_in: torch.Tensor,
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    words = signs.contiguous().view(torch.int32)
     g = gates(x2, router)
-    bias_arg = s_in if bias is None else bias.contiguous()  # any pointer: HAS_BIAS=False never reads it
-    args = (x2, words, s_in.contiguous(), s_out.contiguous(), g, bias_arg, y.view(m, n), m, n, k, words.shape[1],
-            x2.stride(0), m_bucket(m))
+    bias_arg = s_in if bias is None else bias  # any pointer: HAS_BIAS=False never reads it
+    args = (x2, words, s_in, s_out, g, bias_arg, y.view(m, n), m, n, k, words.shape[1], x2.stride(0), m_bucket(m))
     meta = {"NUM_EXPERTS": e, "HAS_BIAS": bias is not None}
     with _on_device(x):
         if kernel_path == "gemv":
