@@ -21,7 +21,8 @@ BACKEND_EXTRAS = {
 BACKEND_ENV = {"triton": {"TRITON_INTERPRET": "1"}}
 """The Triton kernels run in Triton's interpreter on CPU-only machines; the variable must be set before
 mosbits.backends.triton is imported. On a GPU machine (no variable):
-MOSBITS_TEST_BACKENDS=triton MOSBITS_TEST_DEVICE=cuda python -m pytest -q (-m gpu for the GPU-only tests)."""
+MOSBITS_TEST_BACKENDS=triton MOSBITS_TEST_DEVICE=cuda python -m pytest -q (-m gpu for the GPU-only tests;
+MOSBITS_TRITON_AUTOTUNE=0 compiles one config per kernel, several times faster)."""
 CONSTRAINTS = os.environ.get("MOSBITS_CONSTRAINTS", "constraints/cpu.txt")
 
 

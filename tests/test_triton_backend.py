@@ -3,7 +3,10 @@ rule, the gates kernel, supports(), and the torch operator (opcheck, torch.compi
 
 On a CPU the kernels run in Triton's interpreter, which needs TRITON_INTERPRET=1 before mosbits.backends.triton
 is imported (``nox -s "tests(triton)"`` sets it); bfloat16 and CUDA-only checks are marked ``gpu`` and skipped.
-On a GPU: ``MOSBITS_TEST_BACKENDS=triton MOSBITS_TEST_DEVICE=cuda python -m pytest -q``.
+On a GPU: ``MOSBITS_TEST_BACKENDS=triton MOSBITS_TEST_DEVICE=cuda python -m pytest -q``; with
+``MOSBITS_TRITON_AUTOTUNE=0`` each kernel compiles one config (4-5 s a test less on an H200: each new
+specialisation otherwise compiles and times all 7-8), and `test_every_autotune_config_matches_the_reference`
+still runs every config.
 """
 
 import dataclasses
@@ -312,8 +315,38 @@ def test_prepared_layers_record_the_operator_in_compiled_graphs(tb):
 
 
 def test_autotune_has_one_config_in_the_interpreter_and_several_on_a_gpu(tb):
+    assert not (_kernels.INTERPRET and _kernels.AUTOTUNE)
     for kernel in (_kernels.gemv_kernel, _kernels.gemm_kernel):
-        assert (len(kernel.configs) == 1) == _kernels.INTERPRET
+        assert (len(kernel.configs) == 1) == (not _kernels.AUTOTUNE)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "True 7 8"), ("0", "False 1 1"), ("1", "True 7 8")])
+def test_autotune_can_be_turned_off_for_fast_gpu_tests(value, expected):
+    """MOSBITS_TRITON_AUTOTUNE=0 (read at import) leaves each kernel one config, outside the interpreter too."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _kernels.AUTOTUNE_ENV)}
+    if value is not None:
+        env[_kernels.AUTOTUNE_ENV] = value
+    code = ("from mosbits.backends.triton import _kernels as k; "
+            "print(k.AUTOTUNE, len(k.gemv_kernel.configs), len(k.gemm_kernel.configs))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == expected, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("path", "index"), [("gemv", i) for i in range(len(_kernels.GEMV_CONFIGS))]
+                         + [("gemm", i) for i in range(len(_kernels.GEMM_CONFIGS))])
+def test_every_autotune_config_matches_the_reference(tb, path, index, dtype):
+    """Each config the autotuner may pick, run on its own (so that GPU runs may set MOSBITS_TRITON_AUTOTUNE=0 for
+    the rest of the suite): ragged K and N, several blocks of N, and for the GEMM two or more M tiles."""
+    config = (_kernels.GEMV_CONFIGS if path == "gemv" else _kernels.GEMM_CONFIGS)[index]
+    case = testing.random_case(np.random.default_rng(index), (3 if path == "gemv" else 40,), 300, 150, 3, bias=True)
+    a = case.arguments("torch", dtype, DEVICE)
+    y = _host.launch(a["x"], a["packed"].data.view(torch.int32), 300, a["experts"].s_in, a["experts"].s_out,
+                     a["router"], a["bias"], path, config)
+    ref = testing.truth(**a)
+    tol = testing.tolerance(a["x"], a["experts"], a["router"], a["bias"], ref, out_dtype=dtype,
+                            product_dtype=product_dtype(tb, path, dtype))
+    testing.assert_within(y, ref, tol, what=f"triton {path} config {config} {dtype}")
 
 
 COMPILE_FOR_GPU = """
@@ -328,8 +361,9 @@ gates_config = triton.Config({"BLOCK_E": 4, "BLOCK_M": 16, "BLOCK_K": 128})
 for arch in (80, 90):
     for dtype in ("fp16", "bf16", "fp32"):
         for kernel, configs in ((kernels.gates_kernel, [gates_config]),
-                                *((tuned.fn, [tuned.configs[0], tuned.configs[-1]])
-                                  for tuned in (kernels.gemv_kernel, kernels.gemm_kernel))):
+                                *((tuned.fn, [configs[0], configs[-1]]) for tuned, configs in (
+                                    (kernels.gemv_kernel, kernels.GEMV_CONFIGS),
+                                    (kernels.gemm_kernel, kernels.GEMM_CONFIGS)))):
             constants = {"NUM_EXPERTS": 3, "HAS_BIAS": True, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             for config in configs:
                 constants.update(config.kwargs)

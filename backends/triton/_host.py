@@ -114,9 +114,11 @@ def mos_matmul(x: torch.Tensor, signs: torch.Tensor, k: int, s_in: torch.Tensor,
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, k: int, s_in: torch.Tensor, s_out: torch.Tensor,
-           router: torch.Tensor, bias: torch.Tensor | None, path: str = "auto") -> torch.Tensor:
+           router: torch.Tensor, bias: torch.Tensor | None, path: str = "auto",
+           config: triton.Config | None = None) -> torch.Tensor:
     """`mos_matmul` without its checks, for arguments already checked and contiguous, the signs as int32
-    ``words (N, ceil(K / 32))``. A prepared layer (`mosbits.backends.triton.TritonLayer`) calls it."""
+    ``words (N, ceil(K / 32))``. A prepared layer (`mosbits.backends.triton.TritonLayer`) calls it. ``config``
+    runs the path's kernel with that one config instead of the autotuned choice (tests check every config)."""
     n, e = words.shape[0], s_in.shape[0]
     y = arrays.empty(x, (*x.shape[:-1], n))
     m = math.prod(x.shape[:-1])
@@ -130,11 +132,15 @@ def launch(x: torch.Tensor, words: torch.Tensor, k: int, s_in: torch.Tensor, s_o
     bias_arg = s_in if bias is None else bias  # any pointer: HAS_BIAS=False never reads it
     args = (x2, words, s_in, s_out, g, bias_arg, y.view(m, n), m, n, k, words.shape[1], x2.stride(0), m_bucket(m))
     meta = {"NUM_EXPERTS": e, "HAS_BIAS": bias is not None}
+    if kernel_path == "gemv":
+        kernel, grid = _kernels.gemv_kernel, lambda c: (m, triton.cdiv(n, c["BLOCK_N"]))
+    else:
+        kernel, grid = _kernels.gemm_kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
+        meta["DOT_PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 (default) ignored for halves
     with _on_device(x):
-        if kernel_path == "gemv":
-            _kernels.gemv_kernel[lambda c: (m, triton.cdiv(n, c["BLOCK_N"]))](*args, **meta)
+        if config is None:
+            kernel[grid](*args, **meta)
         else:
-            precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 (the default) is ignored for halves
-            _kernels.gemm_kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
-                *args, **meta, DOT_PRECISION=precision)
+            options = {} if _kernels.INTERPRET else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            kernel.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, **options)
     return y

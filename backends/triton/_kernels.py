@@ -12,8 +12,10 @@ the activation (GEMV) or ORed into the bits of 1.0 (GEMM): shifts and masks over
 
 Both matmul kernels scale x by ``g @ s_in`` while loading it and apply ``g @ s_out`` and the bias in the
 epilogue, accumulating in float32 with int64 row offsets. Under ``TRITON_INTERPRET=1`` (read by triton when the
-decorators below run) each autotuned kernel has exactly one config, as the interpreter cannot benchmark.
+decorators below run) or ``MOSBITS_TRITON_AUTOTUNE=0`` each autotuned kernel has exactly one config (`AUTOTUNE`).
 """
+
+import os
 
 import triton
 import triton.language as tl
@@ -28,28 +30,41 @@ ONE_F32_BITS: tl.constexpr = tl.constexpr(0x3F800000)
 """The bits of float32 1.0; ORing in the sign bit gives -1.0."""
 
 
+GEMV_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
+    for n, w, warps, stages in [(16, 8, 4, 3), (32, 4, 4, 3), (32, 8, 8, 3), (64, 4, 4, 3), (64, 8, 8, 3),
+                                (128, 4, 8, 3), (32, 16, 8, 3)]
+]
+"""The GEMV's autotune configs. Wider N blocks reuse each scaled x element for more rows (about 4 instructions
+per weight at 64 weights per thread, 5.5 at 32, read off the sm_90 SASS); narrower ones give more programs at
+batch 1."""
+GEMM_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+    for m, n, k, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
+                                   (64, 64, 32, 4, 4), (64, 64, 64, 8, 4), (64, 128, 64, 8, 3),
+                                   (128, 64, 64, 8, 3), (128, 128, 32, 8, 4)]
+]
+"""The GEMM's autotune configs: tiles that keep float16 and bfloat16 free of register spills on sm_90
+(cuobjdump -res-usage)."""
+SINGLE_CONFIGS: dict[str, triton.Config] = {
+    "gemv": triton.Config({"BLOCK_N": 64, "BLOCK_W": 4}),
+    "gemm": triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}),
+}
+"""The one config of each kernel when `AUTOTUNE` is off (the GEMM's spans two M tiles of 16-row batches)."""
+AUTOTUNE_ENV = "MOSBITS_TRITON_AUTOTUNE"
+AUTOTUNE: bool = not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+"""Whether the matmul kernels autotune over `GEMV_CONFIGS` / `GEMM_CONFIGS` (the first call of each (M bucket, N,
+K) times every config). Off in the interpreter, which cannot time, and when MOSBITS_TRITON_AUTOTUNE=0 at import:
+then each kernel compiles only its `SINGLE_CONFIGS` entry, which makes a GPU test run several times faster
+(`tests/test_triton_backend.py` checks every config on its own)."""
+
+
 def _gemv_configs() -> list[triton.Config]:
-    """Wider N blocks reuse each scaled x element for more rows (about 4 instructions per weight at 64 weights
-    per thread, 5.5 at 32, read off the sm_90 SASS); narrower ones give more programs at batch 1."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_W": 4})]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
-        for n, w, warps, stages in [(16, 8, 4, 3), (32, 4, 4, 3), (32, 8, 8, 3), (64, 4, 4, 3), (64, 8, 8, 3),
-                                    (128, 4, 8, 3), (32, 16, 8, 3)]
-    ]
+    return GEMV_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemv"]]
 
 
 def _gemm_configs() -> list[triton.Config]:
-    """Tiles that keep float16 and bfloat16 free of register spills on sm_90 (cuobjdump -res-usage)."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128})]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
-                                       (64, 64, 32, 4, 4), (64, 64, 64, 8, 4), (64, 128, 64, 8, 3),
-                                       (128, 64, 64, 8, 3), (128, 128, 32, 8, 4)]
-    ]
+    return GEMM_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemm"]]
 
 
 def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
