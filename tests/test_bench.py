@@ -45,6 +45,15 @@ def test_bench_rejects_unknown_backend_and_shape(capsys):
     assert "'nope'" in err and "4096by4096" in err and "--cuda-graphs needs --device cuda" in err
 
 
+def test_bench_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    from mosbits.cli import bench
+
+    monkeypatch.setattr(bench, "_cuda_available", lambda: False)
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert main(["bench", "--device", "cuda", "--model", "smollm2-135m"]) == 2
+    assert capsys.readouterr().err.count("--device cuda: no CUDA device here") == 2
+
+
 @pytest.mark.gpu
 def test_cuda_graph_time_replays_the_captured_calls():
     """Every replay runs fn ``calls`` times: 3 warm-up calls, then one untimed and ``repeats`` timed replays."""

@@ -659,6 +659,24 @@ def test_bench_model_mode_on_a_folder(tmp_path, capsys):
     assert main(["bench", "--model", "no-such-model"]) == 2
 
 
+@pytest.mark.gpu
+def test_bench_model_mode_on_cuda(tmp_path, capsys):
+    """The models run on the GPU (Triton for the packed one); "fast", which no CUDA backend computes, is skipped
+    with the reason; no kernel breakdown (a host clock cannot see CUDA kernels)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mosbits.cli import main
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    assert main(["bench", "--model", str(tmp_path), "--device", "cuda", "--new-tokens", "3", "--prefill", "16",
+                 "--json", str(tmp_path / "out.json")]) == 0
+    captured = capsys.readouterr()
+    assert "mosbits packed E=4, exact" in captured.out and "transformers dense bf16" in captured.out
+    assert "precision fast: skipped" in captured.err
+    record = __import__("json").loads((tmp_path / "out.json").read_text())["models"][0]
+    assert record["decode_seconds"] > 0 and record["peak_rss"] > 0
+
+
 def test_a_pickled_packed_model_still_saves_a_mosbits_folder(tmp_path):
     """torch.save / torch.load (pickle) keeps the config's mark: the reloaded model saves a folder that refuses
     to load as a dense model, not a plain Llama folder with random linears."""

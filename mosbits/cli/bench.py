@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "still spinning slowed the next library's calls by up to 300x here")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where torch workloads run (default: cpu). On cuda, times come from CUDA events with "
-                             "the L2 flushed before each call, and the baselines are cuBLAS fp16/bf16/fp32")
+                             "the L2 flushed before each call, and the baselines are cuBLAS fp16/bf16/fp32; in "
+                             "model mode the models run there, timed by the clock after synchronising")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                         help="with --device cuda: time each call inside a CUDA graph (the kernels alone, L2 flushed "
                              "before each call; `mosbits.perf.timing.cuda_graph_time`) instead of eagerly, where "
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         args.precision_list = [precision.check(p) for p in args.precisions.split(",") if p]
         if args.cuda_graphs and not args.device.startswith("cuda"):
             raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
+        if args.device.startswith("cuda") and not _cuda_available():
+            raise ValueError("--device cuda: no CUDA device here (torch with CUDA and a GPU are needed)")
     except (ValueError, ImportError) as err:
         print(f"mosbits bench: {err}", file=sys.stderr)
         return 2
@@ -157,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if wrong else 0
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def run_models(args: argparse.Namespace, threads: dict[str, int]) -> int:
     """Whole-model mode (``--model``): one table row per model and implementation (`mosbits.hf.throughput`)."""
     try:
@@ -174,20 +185,24 @@ def run_models(args: argparse.Namespace, threads: dict[str, int]) -> int:
         return 2
     progress = Progress(len(configs) * (len(args.precision_list) + args.dense))
     progress.show("bench: measuring memory read bandwidth ...")
-    bandwidth, how = workloads.read_bandwidth()
+    bandwidth, how = workloads.read_bandwidth(args.device)
     records = []
     for name, config in configs.items():
-        model = mh.random_packed(config, num_experts=args.experts, dtype=torch.bfloat16)
+        model = mh.random_packed(config, num_experts=args.experts, dtype=torch.bfloat16).to(args.device)
         for prec in args.precision_list:
             progress.step(f"{name}: packed {prec}")
             mh.set_precision(model, prec)
-            records.append((name, f"mosbits packed E={args.experts}, {prec}", throughput.measure(
-                model, new_tokens=args.new_tokens, prefill=args.prefill)))
+            try:
+                speed = throughput.measure(model, new_tokens=args.new_tokens, prefill=args.prefill)
+            except ValueError as err:  # e.g. precision="fast" on CUDA, which no CUDA backend computes
+                print(f"mosbits bench: {name}, precision {prec}: skipped: {err}", file=sys.stderr)
+                continue
+            records.append((name, f"mosbits packed E={args.experts}, {prec}", speed))
         del model
         if args.dense:
             progress.step(f"{name}: dense bfloat16 (transformers)")
             records.append((name, "transformers dense bf16", throughput.measure(
-                throughput.dense_twin(config), new_tokens=args.new_tokens, prefill=args.prefill)))
+                throughput.dense_twin(config).to(args.device), new_tokens=args.new_tokens, prefill=args.prefill)))
     progress.clear()
     info = machine_info(threads, bandwidth, how, args)
     print(info["header"])
@@ -213,10 +228,11 @@ def model_table(records: list[tuple[str, str, Any]], bandwidth: float) -> str:
         rows.append([name, impl, f"{speed.decode_tokens_per_s:.1f}", f"{total / 1e6:.0f}",
                      f"{weights / total:.0%} / {parts['lm_head'] / total:.0%} / {parts['kv cache'] / total:.0%}",
                      f"{floor:.1f}", f"{speed.decode_tokens_per_s / floor:.0%}",
-                     f"{speed.kernel_share:.0%} / {speed.call_share:.0%}" if "packed" in impl else "-",
+                     f"{speed.kernel_share:.0%} / {speed.call_share:.0%}"
+                     if "packed" in impl and speed.kernel_share == speed.kernel_share else "-",
                      f"{speed.prefill_tokens_per_s:.0f}", f"{speed.peak_rss / 2**30:.2f}"])
     headers = ["model", "implementation", "tok/s", "MB/token", "linears/lm_head/kv", "floor tok/s", "of floor",
-               "in kernels / calls", "prefill tok/s", "peak RSS GiB"]
+               "in kernels / calls", "prefill tok/s", "peak GiB"]
     return format_table(headers, rows, "llrrrrrrrr")
 
 

@@ -13,7 +13,9 @@ twin in 24 GiB; per-block figures scale) or a local folder's config.json; the we
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import statistics
 import time
@@ -105,11 +107,12 @@ class Speed:
         prefill_seconds: median seconds of one forward over the prefill tokens.
         prefill_tokens: tokens in that forward.
         kernel_share: fraction of the decode time spent inside the mosbits kernels (for numba the compiled call
-            alone; 0 for dense).
+            alone; 0 for dense; NaN on CUDA, where a host timer cannot see the kernels).
         call_share: fraction spent in the packed layers' backend calls, the kernels with the conversions of
-            x and y around them.
+            x and y around them (NaN on CUDA).
         bytes: `bytes_per_token` at the middle of the timed generation.
-        peak_rss: peak resident bytes of the process while the model ran (Linux; 0 elsewhere).
+        peak_rss: peak resident bytes of the process while the model ran (Linux; 0 elsewhere); on CUDA the peak
+            bytes allocated on the model's device instead.
     """
 
     decode_seconds: float
@@ -137,32 +140,44 @@ class Speed:
 def measure(model: nn.Module, prompt: int = 8, new_tokens: int = 32, prefill: int = 512, repeats: int = 3,
             seed: int = 0) -> Speed:
     """Greedy decode of ``new_tokens`` after a ``prompt``-token prompt and one ``prefill``-token forward, medians
-    of ``repeats`` runs after a warm-up (first-call work, kernel compilation and layout derivation, untimed)."""
+    of ``repeats`` runs after a warm-up (first-call work, kernel compilation and layout derivation, untimed), on
+    the model's device (CUDA: the clock is read after synchronising, and there is no kernel breakdown)."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, prompt), generator=generator)
-    long_ids = torch.randint(0, vocab, (1, prefill), generator=generator)
+    ids = torch.randint(0, vocab, (1, prompt), generator=generator).to(device)
+    long_ids = torch.randint(0, vocab, (1, prefill), generator=generator).to(device)
     options = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens,
                "pad_token_id": 0}
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     model.generate(ids, **{**options, "min_new_tokens": 2, "max_new_tokens": 2})
     model(long_ids[:, :16])
     steps, kernel, calls = [], [], []
     for _ in range(repeats):
-        with kernel_timer(model) as spent:
-            start = time.perf_counter()
+        with contextlib.nullcontext() if cuda else kernel_timer(model) as spent:
+            start = clock()
             model.generate(ids, **options)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
         steps.append(elapsed / new_tokens)
-        kernel.append(spent["kernels"][0] / elapsed)
-        calls.append(spent["calls"][0] / elapsed)
+        kernel.append(math.nan if cuda else spent["kernels"][0] / elapsed)
+        calls.append(math.nan if cuda else spent["calls"][0] / elapsed)
     prefills = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         model(long_ids, use_cache=False)
-        prefills.append(time.perf_counter() - start)
+        prefills.append(clock() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
     return Speed(statistics.median(steps), statistics.median(prefills), prefill, statistics.median(kernel),
-                 statistics.median(calls), bytes_per_token(model, prompt + new_tokens // 2), peak_rss())
+                 statistics.median(calls), bytes_per_token(model, prompt + new_tokens // 2), peak)
 
 
 @contextmanager
