@@ -205,10 +205,23 @@ def test_a_corrupt_block_checkpoint_is_named(tmp_path, monkeypatch):
     ({"distill_steps": -2}, ValueError, "distill_steps"),
     ({"start": "gptq"}, ValueError, r"start must be one of \('paper', 'data'\), got 'gptq'"),
     ({"samples": 1000}, ValueError, r"holds \d+ tokens; samples x seq_len = 1000 x 16 = 16000 are needed"),
+    ({"device": "gpu0"}, ValueError, r"device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
 ])
 def test_bad_settings_are_named(settings, error, match):
     with pytest.raises(error, match=match):
         calibrated(**settings)
+
+
+def test_a_cuda_device_without_cuda_is_refused_before_any_work(monkeypatch, capsys):
+    from mosbits.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(calibration, "calibration_windows", None)  # the run must stop before reading text
+    with pytest.raises(ValueError, match=r"device 'cuda:1': torch sees no CUDA device here"):
+        calibrated(device="cuda:1")
+    assert calibration.training_device(None) == torch.device("cpu")
+    assert main(["calibrate", "--device", "cuda"]) == 1
+    assert "mosbits calibrate: --device: device 'cuda': torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_bad_models_and_data_are_named():

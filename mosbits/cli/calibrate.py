@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
     import mosbits.hf as mh
 
+    try:
+        mh.calibration.training_device(args.device)  # refused now, not after the teacher's perplexity
+    except ValueError as err:
+        print(f"mosbits calibrate: --device: {err}", file=sys.stderr)
+        return 1
     wall = time.perf_counter()
     loaded = load_model_and_texts("calibrate", args, PROGRESS)
     if loaded is None:

@@ -185,6 +185,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
             text, an ``out`` folder holding a different run, NaN or inf weights, or a diverged reconstruction.
     """
     settings = Settings(num_experts, samples, seq_len, steps_per_block, batch_size, lr, latent_lr, seed, start)
+    device = training_device(device)
     if any(isinstance(m, MoSLinear | PackedMoSLinear) for m in model.modules()):
         raise ValueError("model already holds MoSLinear / PackedMoSLinear layers; calibrate a dense model")
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
@@ -198,7 +199,6 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoints = _Checkpoints(out, settings, model) if out is not None else None
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     model.requires_grad_(False)
@@ -451,6 +451,25 @@ class _Streams:
         self.teacher = self.student = None
         for path in self.paths:
             path.unlink(missing_ok=True)
+
+
+def training_device(device: str | torch.device | None) -> torch.device:
+    """The device blocks train on: ``device``, or "cuda" when available and else "cpu" for None.
+
+    Raises:
+        ValueError: a string torch does not read as a device, or a CUDA device where torch sees none (said before
+            any work starts, not at the first block).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: torch sees no CUDA device here (torch.cuda.is_available() is "
+                         f"False); use 'cpu' or leave it unset")
+    return device
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
