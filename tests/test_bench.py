@@ -52,6 +52,9 @@ def test_bench_refuses_cuda_without_a_gpu(capsys, monkeypatch):
     assert main(["bench", "--device", "cuda"]) == 2
     assert main(["bench", "--device", "cuda", "--model", "smollm2-135m"]) == 2
     assert capsys.readouterr().err.count("--device cuda: no CUDA device here") == 2
+    monkeypatch.setattr(bench, "_cuda_available", lambda: True)
+    assert main(["bench", "--device", "cuda", "--cuda-graphs", "--model", "smollm2-135m"]) == 2
+    assert "--cuda-graphs times the layer tables" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
