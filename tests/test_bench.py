@@ -54,7 +54,9 @@ def test_bench_refuses_cuda_without_a_gpu(capsys, monkeypatch):
     assert capsys.readouterr().err.count("--device cuda: no CUDA device here") == 2
     monkeypatch.setattr(bench, "_cuda_available", lambda: True)
     assert main(["bench", "--device", "cuda", "--cuda-graphs", "--model", "smollm2-135m"]) == 2
-    assert "--cuda-graphs times the layer tables" in capsys.readouterr().err
+    assert main(["bench", "--plot", "p.png", "--model", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graphs is for the layer tables" in err and "--plot is for the layer tables" in err
 
 
 @pytest.mark.gpu

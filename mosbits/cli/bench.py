@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
         args.precision_list = [precision.check(p) for p in args.precisions.split(",") if p]
         if args.cuda_graphs and not args.device.startswith("cuda"):
             raise ValueError(f"--cuda-graphs needs --device cuda, got --device {args.device}")
-        if args.cuda_graphs and args.model:
-            raise ValueError("--cuda-graphs times the layer tables; model mode (--model) runs transformers' "
-                             "generate, which it does not capture")
+        if args.model and (args.cuda_graphs or args.plot):
+            raise ValueError(f"{'--cuda-graphs' if args.cuda_graphs else '--plot'} is for the layer tables, not "
+                             "model mode (--model)")
         if args.device.startswith("cuda") and not _cuda_available():
             raise ValueError("--device cuda: no CUDA device here (torch with CUDA and a GPU are needed)")
     except (ValueError, ImportError) as err:
