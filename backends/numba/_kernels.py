@@ -114,16 +114,24 @@ def scales(x, router, s_in, kp, poison):
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _finish_rows(row, gates, s_out, bias, i0, i1, scale):
-    """row[i0:i1] = row[i0:i1] * (gates @ s_out[:, i0:i1]) + bias[i0:i1] for one token: gates (E,), s_out (E, N),
-    bias (N,), scale a float32 scratch of at least i1 - i0."""
-    scale[:i1 - i0] = 0
+def _finish_rows(values, gates, s_out, bias, c0, scale):
+    """values = values * (gates @ s_out[:, c0:c1]) + bias[c0:c1] for one token's outputs of columns c0..c1,
+    ``values`` (c1 - c0,) float32, in place: gates (E,), s_out (E, N) C-contiguous, bias (N,), scale a float32
+    scratch of at least c1 - c0.
+
+    The loops index 1-D slices from 0: indexed as ``s_out[e, i]`` with ``i`` from ``range(c0, c1)``, Numba's
+    wrap-around of negative indices kept LLVM from vectorising them (5x slower here)."""
+    count = values.shape[0]
+    total = scale[:count]
+    total[:] = 0
     for e in range(gates.shape[0]):
         gate = gates[e]
-        for i in range(i0, i1):
-            scale[i - i0] += gate * s_out[e, i]
-    for i in range(i0, i1):
-        row[i] = row[i] * scale[i - i0] + bias[i]
+        column = s_out[e][c0:c0 + count]
+        for i in range(count):
+            total[i] += gate * column[i]
+    shift = bias[c0:c0 + count]
+    for i in range(count):
+        values[i] = values[i] * total[i] + shift[i]
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -237,7 +245,7 @@ def _sweep_template(lookup, blocks, gates, s_out, bias, out, row_chunk):
                     BLOCK(lookup, m, blocks[b], t0, t1, ahead, row, LANES * b)
         scale = np.empty(LANES * row_chunk, dtype=np.float32)
         for m in range(m_count):
-            _finish_rows(out[m], gates[m], s_out, bias, LANES * b0, min(n, LANES * b1), scale)
+            _finish_rows(out[m][LANES * b0:min(n, LANES * b1)], gates[m], s_out, bias, LANES * b0, scale)
 
 
 def _exact_block_template(tables, m, codes, t0, t1, ahead, row, offset):
@@ -502,7 +510,7 @@ def scale_rows(out, gates, s_out, bias):
     """out (M, N) = out * (gates @ s_out) + bias, in place; gates (M, E), s_out (E, N), bias (N,)."""
     m_count, n = out.shape
     for m in prange(m_count):
-        _finish_rows(out[m], gates[m], s_out, bias, 0, n, np.empty(n, dtype=np.float32))
+        _finish_rows(out[m], gates[m], s_out, bias, 0, np.empty(n, dtype=np.float32))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -542,7 +550,7 @@ def finish_bf16(product, gates, s_out, bias, n0, out_bits):
     for m in prange(m_count):
         row = np.empty(t, dtype=np.float32)
         bfloat16_to_float32(product[m:m + 1], row.reshape(1, t))
-        _finish_rows(row, gates[m], s_out[:, n0:n0 + t], bias[n0:n0 + t], 0, t, np.empty(t, dtype=np.float32))
+        _finish_rows(row, gates[m], s_out, bias, n0, np.empty(t, dtype=np.float32))
         float32_to_bfloat16(row.reshape(1, t), t, out_bits[m:m + 1, n0:n0 + t])
 
 
