@@ -114,21 +114,29 @@ def scales(x, router, s_in, kp, poison):
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _finish_rows(values, gates, s_out, bias, c0, scale):
-    """values = values * (gates @ s_out[:, c0:c1]) + bias[c0:c1] for one token's outputs of columns c0..c1,
-    ``values`` (c1 - c0,) float32, in place: gates (E,), s_out (E, N) C-contiguous, bias (N,), scale a float32
-    scratch of at least c1 - c0.
+def _output_scales(gates, s_out, c0, total):
+    """total[i] = (gates @ s_out)[c0 + i] for i < len(total), one token: gates (E,), s_out (E, N) (fastest with
+    C-contiguous rows).
 
-    The loops index 1-D slices from 0: indexed as ``s_out[e, i]`` with ``i`` from ``range(c0, c1)``, Numba's
-    wrap-around of negative indices kept LLVM from vectorising them (5x slower here)."""
-    count = values.shape[0]
-    total = scale[:count]
+    The loops index 1-D slices from 0: indexed as ``s_out[e, c0 + i]``, Numba's wrap-around of negative indices
+    kept LLVM from vectorising them (5x slower here)."""
+    count = total.shape[0]
     total[:] = 0
     for e in range(gates.shape[0]):
         gate = gates[e]
         column = s_out[e][c0:c0 + count]
         for i in range(count):
             total[i] += gate * column[i]
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _finish_rows(values, gates, s_out, bias, c0, scale):
+    """values = values * (gates @ s_out[:, c0:c1]) + bias[c0:c1] for one token's outputs of columns c0..c1,
+    ``values`` (c1 - c0,) float32, in place: gates (E,), s_out (E, N), bias (N,), scale a float32
+    scratch of at least c1 - c0."""
+    count = values.shape[0]
+    total = scale[:count]
+    _output_scales(gates, s_out, c0, total)
     shift = bias[c0:c0 + count]
     for i in range(count):
         values[i] = values[i] * total[i] + shift[i]
@@ -547,11 +555,14 @@ def finish_bf16(product, gates, s_out, bias, n0, out_bits):
     patterns of product * (gates @ s_out[:, n0:n0 + T]) + bias[n0:n0 + T], with product (M, T) int16 the
     bfloat16 patterns of a tile's matmul; gates (M, E), s_out (E, N), bias (N,) float32; out_bits (M, N) int16."""
     m_count, t = product.shape
+    shift = bias[n0:n0 + t]
     for m in prange(m_count):
-        row = np.empty(t, dtype=np.float32)
-        bfloat16_to_float32(product[m:m + 1], row.reshape(1, t))
-        _finish_rows(row, gates[m], s_out, bias, n0, np.empty(t, dtype=np.float32))
-        float32_to_bfloat16(row.reshape(1, t), t, out_bits[m:m + 1, n0:n0 + t])
+        total = np.empty(t, dtype=np.float32)
+        _output_scales(gates[m], s_out, n0, total)
+        products, out = product[m], out_bits[m][n0:n0 + t]
+        for i in range(t):  # one fused loop: 2x faster than three passes over a float32 row
+            value = _simd.float_from_bits(np.uint32(np.uint16(products[i])) << np.uint32(16)) * total[i] + shift[i]
+            out[i] = _bfloat16_bits(_simd.bits_of_float(value))
 
 
 @njit(parallel=True, cache=True)
