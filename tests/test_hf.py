@@ -660,6 +660,24 @@ def test_bench_model_mode_on_a_folder(tmp_path, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_a_packed_model_on_cuda_computes_what_it_computes_on_the_cpu(dtype, bound):
+    """The CUDA path end to end (Triton layers, the shared-input plan, the dense head's fallback) against the same
+    model on the CPU. Bounds on the relative L2 error of the logits: float32 sums differ in order only (about K u =
+    96 x 6e-8 per layer, a few layers deep: 1e-4 leaves room); bfloat16 rounds each of the ~14 layer outputs
+    (u = 4e-3). A wrong layer is off by order 1."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = mh.random_packed(tiny_llama().config, num_experts=4, dtype=dtype, seed=0)
+    ids = batch()
+    on_cpu = logits(model, ids).float()
+    model.to("cuda")
+    on_cuda = logits(model, ids.cuda()).float().cpu()
+    assert {m.prepared().backend for m in model.modules() if isinstance(m, mh.PackedMoSLinear)} == {"triton"}
+    assert float((on_cuda - on_cpu).norm() / on_cpu.norm()) < bound
+
+
+@pytest.mark.gpu
 def test_bench_model_mode_on_cuda(tmp_path, capsys):
     """The models run on the GPU (Triton for the packed one); "fast", which no CUDA backend computes, is skipped
     with the reason; no kernel breakdown (a host clock cannot see CUDA kernels)."""
