@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -232,7 +233,7 @@ def model_table(records: list[tuple[str, str, Any]], bandwidth: float) -> str:
                      f"{weights / total:.0%} / {parts['lm_head'] / total:.0%} / {parts['kv cache'] / total:.0%}",
                      f"{floor:.1f}", f"{speed.decode_tokens_per_s / floor:.0%}",
                      f"{speed.kernel_share:.0%} / {speed.call_share:.0%}"
-                     if "packed" in impl and speed.kernel_share == speed.kernel_share else "-",
+                     if "packed" in impl and not math.isnan(speed.kernel_share) else "-",
                      f"{speed.prefill_tokens_per_s:.0f}", f"{speed.peak_rss / 2**30:.2f}"])
     headers = ["model", "implementation", "tok/s", "MB/token", "linears/lm_head/kv", "floor tok/s", "of floor",
                "in kernels / calls", "prefill tok/s", "peak GiB"]
