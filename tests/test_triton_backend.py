@@ -404,6 +404,26 @@ def test_cuda_graph_replays_the_layer(tb, path, dtype, m):
     torch.testing.assert_close(static_y, run_path(tb, {**a, "x": new_x}, path), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("m", (1, 16))
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_cuda_graph_replays_a_prepared_layer(tb, m):
+    """The prepared layer's direct launches (no operator) are captured and replayed as the eager call runs."""
+    a = testing.random_case(np.random.default_rng(14), (m,), 1000, 300, 4, bias=True).arguments(
+        "torch", "bfloat16", DEVICE)
+    layer = mosbits.prepare(a["packed"], a["experts"], a["router"], a["bias"], backend="triton")
+    static_x = a["x"].clone()
+    with torch.no_grad():
+        layer(static_x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.testing.assert_close(static_y, layer(new_x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("m", (1, 16, 512))
 @pytest.mark.gpu
