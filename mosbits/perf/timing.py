@@ -73,13 +73,20 @@ def cuda_median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, fl
     times = []
     for _ in range(repeats):
         flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(_event_seconds(fn))
     return statistics.median(times)
+
+
+def _event_seconds(fn: Callable[[], object]) -> float:
+    """Seconds the current CUDA device spends on the work ``fn()`` enqueues, between two CUDA events."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def cuda_graph_time(fn: Callable[[], object], repeats: int, calls: int = 16, flush_bytes: int = 256 << 20) -> float:
@@ -117,15 +124,8 @@ def cuda_graph_time(fn: Callable[[], object], repeats: int, calls: int = 16, flu
                     fn()
         return graph
 
-    def replay(graph: Any) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-
     with_fn, flushes = capture(True), capture(False)
-    replay(with_fn)
-    replay(flushes)
-    return statistics.median((replay(with_fn) - replay(flushes)) / calls for _ in range(repeats))
+    with_fn.replay()
+    flushes.replay()
+    return statistics.median((_event_seconds(with_fn.replay) - _event_seconds(flushes.replay)) / calls
+                             for _ in range(repeats))
