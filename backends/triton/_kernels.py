@@ -59,14 +59,6 @@ then each kernel compiles only its `SINGLE_CONFIGS` entry, which makes a GPU tes
 (`tests/test_triton_backend.py` checks every config on its own)."""
 
 
-def _gemv_configs() -> list[triton.Config]:
-    return GEMV_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemv"]]
-
-
-def _gemm_configs() -> list[triton.Config]:
-    return GEMM_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemm"]]
-
-
 def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than the M bucket needs (16 rows is the smallest tile `tl.dot` takes)."""
     rows = max(16, named_args["M_BUCKET"])
@@ -118,7 +110,7 @@ def _output_scale(acc, gates_ptr, s_out_ptr, bias_ptr, rows, cols, row_mask, col
     return y
 
 
-@triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=GEMV_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemv"]], key=["M_BUCKET", "N", "K"])
 @triton.jit
 def gemv_kernel(x_ptr, words_ptr, s_in_ptr, s_out_ptr, gates_ptr, bias_ptr, y_ptr,
                 M, N, K, KW, stride_xm, M_BUCKET,
@@ -152,7 +144,7 @@ def gemv_kernel(x_ptr, words_ptr, s_in_ptr, s_out_ptr, gates_ptr, bias_ptr, y_pt
     tl.store(y_ptr + row * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=col_mask[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"],
+@triton.autotune(configs=GEMM_CONFIGS if AUTOTUNE else [SINGLE_CONFIGS["gemm"]], key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def gemm_kernel(x_ptr, words_ptr, s_in_ptr, s_out_ptr, gates_ptr, bias_ptr, y_ptr,
