@@ -359,6 +359,20 @@ def test_distillation_on_top_moves_scales_only():
             assert torch.equal(a[key], b[key]), key
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".s_in"))
     assert not any(p.requires_grad for p in distilled.parameters())
+    assert {t.device.type for t in b.values()} == {"cpu"}, "the distilled model must come back to the CPU"
+
+
+def test_distillation_trains_on_the_device_asked_for(monkeypatch):
+    """``device="cpu"`` keeps the Trainer on the CPU even where it sees a GPU (its default is the GPU)."""
+    from mosbits.hf import distillation
+
+    seen = {}
+    monkeypatch.setattr(distillation, "distill", lambda *args, **kwargs: seen.update(kwargs) or [0.0])
+    for device, use_cpu in (("cpu", True), ("cuda", False), (torch.device("cuda", 1), False)):
+        model, teacher = MODELS["llama"](), MODELS["llama"]()
+        calibration.distill_scales(model, teacher, torch.zeros(2, 4, dtype=torch.long), steps=1, lr=1e-3,
+                                   batch_size=1, device=device, progress=False)
+        assert seen["use_cpu"] is use_cpu, device
 
 
 def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
@@ -391,7 +405,7 @@ def test_a_loaded_packed_model_distils_its_scales_through_the_trainer(tmp_path):
     ids = calibration.calibration_windows(char_tokenizer(), TEXT, 4, 16)
     losses = mh.distill(loaded, teacher, ids, steps=2, lr=1e-3, batch_size=2)
     assert len(losses) == 2
-    before, after = model.state_dict(), loaded.state_dict()
+    before, after = model.state_dict(), {k: v.cpu() for k, v in loaded.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(".signs"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".s_out"))
 

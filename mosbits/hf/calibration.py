@@ -252,7 +252,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     if distill_steps:
         began = time.perf_counter()
         losses = distill_scales(model, teacher, ids, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
-                                seed=seed, progress=progress)
+                                seed=seed, device=device, progress=progress)
         seconds["distill"] = time.perf_counter() - began
         del teacher
     model.eval()
@@ -271,18 +271,24 @@ KL + 10 x hidden MSE, whose loss there is dominated by the massive activations t
 
 def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int, lr: float,
                    batch_size: int, seed: int = 0, mse_weight: float = DISTILL_MSE_WEIGHT,
-                   progress: bool = True) -> list[float]:
+                   device: str | torch.device = "cpu", progress: bool = True) -> list[float]:
     """End-to-end distillation (`mosbits.hf.distill`'s schedule; KL on the logits plus ``mse_weight`` x the
     hidden-state MSE) of a packed model's scales and routers, its signs frozen, on token windows
-    (samples, seq_len); returns the loss of every step."""
+    (samples, seq_len); returns the loss of every step.
+
+    Student and teacher train on ``device``'s type ("cuda": the Trainer's CUDA device; "cpu" even where a GPU is
+    there) and are both back on the CPU afterwards, as `calibrate` promises."""
     from mosbits.hf.distillation import distill
 
     trainable_scales(model, True)
     try:
         return distill(model, teacher, windows, steps=steps, lr=lr, seq_len=windows.shape[1],
-                       batch_size=batch_size, seed=seed, mse_weight=mse_weight, disable_tqdm=not progress)
+                       batch_size=batch_size, seed=seed, mse_weight=mse_weight, disable_tqdm=not progress,
+                       use_cpu=torch.device(device).type == "cpu")
     finally:
         trainable_scales(model, False)
+        model.to("cpu")
+        teacher.to("cpu")
 
 
 def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *, distill: bool = False,
