@@ -27,6 +27,7 @@ import mosbits
 from mosbits import dispatch
 from mosbits.experts import rank1_abs_factors
 from mosbits.format import row_bytes
+from mosbits.hf.operator import packed_linear
 
 
 class SignSTE(torch.autograd.Function):
@@ -187,7 +188,8 @@ class PackedMoSLinear(_MoSShape):
         Inference goes through `prepared`, or, for a layer linked with the siblings that read the same input
         (`mosbits.hf.fusion`), through one call for all of them; an input that needs gradients, or scales being
         trained (`trainable_scales`), go through ``mosbits.matmul``, whose automatic choice then takes a
-        differentiable backend."""
+        differentiable backend. Under ``torch.compile`` and ``torch.jit.trace``, inference is one
+        ``torch.ops.mosbits.packed_linear`` node (`mosbits.hf.operator`)."""
         source, dtype = x, x.dtype
         s_in = self._held("s_in")
         if dtype != s_in.dtype:
@@ -195,6 +197,12 @@ class PackedMoSLinear(_MoSShape):
         if torch.is_grad_enabled() and (x.requires_grad or s_in.requires_grad):
             packed, experts, router, bias = self.matmul_args()
             return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            router = self._held("router")
+            if router is None:
+                router = s_in.new_zeros(1, self.in_features)
+            return packed_linear(x, self._held("signs"), self.in_features, s_in, self._held("s_out"), router,
+                                 self._held("bias"), self.precision).to(dtype)
         shared = self.__dict__.get("_shared_input")
         y = self.prepared()(x) if shared is None else shared.output(self, source, x)
         return y if y.dtype == dtype else y.to(dtype)
@@ -260,9 +268,10 @@ class DecodeLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super().forward(x)
         backend = _numba_backend()
         if (backend is not None and os.environ.get(dispatch.ENV_VAR, "numba") in ("numba", "auto")
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
                 and not backend.dense_refusal(x, self.weight, self.bias)):
             return backend.run_dense(x, self.weight, self.bias)
         return super().forward(x)

@@ -1,0 +1,71 @@
+"""Packed models in graphs: torch.compile and torch.jit.trace record one ``mosbits::packed_linear`` node per
+packed layer (`mosbits.hf.operator`) and compute what the eager model computes, bit for bit."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+mh = pytest.importorskip("mosbits.hf")
+from conftest import DEVICE  # noqa: E402
+from test_hf import MODELS  # noqa: E402
+
+OPERATOR = torch.ops.mosbits.packed_linear.default
+
+
+def packed_llama(num_experts=4):
+    torch.manual_seed(0)
+    model = MODELS["llama"]().eval()
+    mh.binarize(model, num_experts=num_experts)
+    mh.pack(model)
+    return model.to(DEVICE)
+
+
+def recording_backend(graphs):
+    """A torch.compile backend that keeps each FX graph and runs it as traced (no other compiler in between)."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def operator_nodes(graphs):
+    return sum(node.target is OPERATOR for gm in graphs for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("num_experts", [1, 4])
+def test_a_compiled_packed_model_gives_the_eager_logits(num_experts):
+    model = packed_llama(num_experts)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    graphs = []
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model, backend=recording_backend(graphs))
+        got = compiled(ids).logits
+        again = compiled(ids.flip(1)).logits
+        expected_again = model(ids.flip(1)).logits
+    assert operator_nodes(graphs) == 14  # q, k, v, o, gate, up, down in 2 blocks
+    assert torch.equal(got, expected)
+    assert torch.equal(again, expected_again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_layer_compiles_with_fullgraph(dtype):
+    """One node for the layer, no graph break, and the eager layer's output for x of any leading shape and of a
+    dtype other than the layer's (cast in, computed in the layer's dtype, cast back)."""
+    layer = packed_llama().model.layers[0].mlp.down_proj.to(dtype)
+    graphs = []
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=recording_backend(graphs))
+    with torch.no_grad():
+        for shape in [(1, 96), (3, 5, 96)]:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+            assert torch.equal(compiled(x), layer(x)), shape
+    assert operator_nodes(graphs) >= 1
+
+
+def test_jit_trace_records_the_operator_not_a_constant():
+    layer = packed_llama().model.layers[1].self_attn.q_proj
+    x1, x2 = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x1)
+        assert "mosbits::packed_linear" in str(traced.graph)
+        assert torch.equal(traced(x2), layer(x2))
