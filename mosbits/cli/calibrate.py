@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=non_negative_int, default=40,
                         help="end-to-end distillation steps (KL) of the packed scales and routers; they need a "
                              "second copy of the dense model in memory as teacher; 0: none (default: 40)")
-    parser.add_argument("--distill-lr", type=float, default=5e-4, help="its learning rate (default: 5e-4)")
+    parser.add_argument("--distill-lr", type=float, default=2e-3, help="its learning rate (default: 2e-3)")
     parser.add_argument("--device", default=None, help="where each block trains (default: cuda if available)")
     parser.add_argument("--offload-dir", type=Path, default=None,
                         help="keep the calibration activations in disk-backed arrays in this folder")

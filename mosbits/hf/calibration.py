@@ -144,7 +144,7 @@ class CalibrationReport:
 
 def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts: int = 4, samples: int = 64,
               seq_len: int = 256, steps_per_block: int = 120, batch_size: int = 4, lr: float = 1e-2,
-              latent_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 5e-4,
+              latent_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 2e-3,
               device: str | torch.device | None = None, out: str | os.PathLike | None = None,
               offload_dir: str | os.PathLike | None = None, seed: int = 0, start: str = "paper",
               progress: bool = True) -> CalibrationReport:
