@@ -203,6 +203,8 @@ def test_a_corrupt_block_checkpoint_is_named(tmp_path, monkeypatch):
     ({"steps_per_block": -1}, ValueError, "steps_per_block"),
     ({"lr": float("nan")}, ValueError, "lr must be a finite float"),
     ({"distill_steps": -2}, ValueError, "distill_steps"),
+    ({"distill_samples": 0}, ValueError, r"distill_samples must be an int >= 1 or None, got 0"),
+    ({"distill_steps": 1, "distill_samples": 1000}, ValueError, r"samples x seq_len = 1000 x 16"),
     ({"start": "gptq"}, ValueError, r"start must be one of \('paper', 'data'\), got 'gptq'"),
     ({"samples": 1000}, ValueError, r"holds \d+ tokens; samples x seq_len = 1000 x 16 = 16000 are needed"),
     ({"device": "gpu0"}, ValueError, r"device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
@@ -360,6 +362,20 @@ def test_distillation_on_top_moves_scales_only():
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".s_in"))
     assert not any(p.requires_grad for p in distilled.parameters())
     assert {t.device.type for t in b.values()} == {"cpu"}, "the distilled model must come back to the CPU"
+
+
+def test_distillation_draws_from_distill_samples_windows(monkeypatch):
+    """The distillation gets the first ``distill_samples`` windows of the text (the calibration windows first),
+    the blocks the ``samples`` calibration windows only; the default is the calibration windows."""
+    from mosbits.hf import distillation
+
+    seen = []
+    monkeypatch.setattr(distillation, "distill", lambda model, teacher, windows, **kw: seen.append(windows) or [0.0])
+    calibrated(distill_steps=1)
+    calibrated(distill_steps=1, distill_samples=7)
+    expected = calibration.calibration_windows(char_tokenizer(), TEXT, 7, SMALL["seq_len"])
+    assert torch.equal(seen[0], expected[:SMALL["samples"]])
+    assert torch.equal(seen[1], expected)
 
 
 def test_distillation_trains_on_the_device_asked_for(monkeypatch):

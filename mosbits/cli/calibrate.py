@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=non_negative_int, default=40,
                         help="end-to-end distillation steps (KL) of the packed scales and routers; they need a "
                              "second copy of the dense model in memory as teacher; 0: none (default: 40)")
+    parser.add_argument("--distill-samples", type=positive_int, default=None,
+                        help="windows of --seq-len tokens the distillation draws from (default: --samples)")
     parser.add_argument("--distill-lr", type=float, default=2e-3, help="its learning rate (default: 2e-3)")
     parser.add_argument("--device", default=None, help="where each block trains (default: cuda if available)")
     parser.add_argument("--offload-dir", type=Path, default=None,
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         report = mh.calibrate(model, train, tokenizer=tokenizer, num_experts=args.experts, samples=args.samples,
                               seq_len=args.seq_len, steps_per_block=args.steps_per_block,
                               batch_size=args.batch_size, lr=args.lr, latent_lr=args.latent_lr,
-                              distill_steps=args.distill_steps, distill_lr=args.distill_lr, device=args.device,
+                              distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                              distill_samples=args.distill_samples, device=args.device,
                               out=args.out, offload_dir=args.offload_dir, seed=args.seed, start=args.start)
     except ValueError as err:
         print(f"mosbits calibrate: {err}", file=sys.stderr)

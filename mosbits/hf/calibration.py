@@ -145,6 +145,7 @@ class CalibrationReport:
 def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts: int = 4, samples: int = 64,
               seq_len: int = 256, steps_per_block: int = 120, batch_size: int = 4, lr: float = 1e-2,
               latent_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 2e-3,
+              distill_samples: int | None = None,
               device: str | torch.device | None = None, out: str | os.PathLike | None = None,
               offload_dir: str | os.PathLike | None = None, seed: int = 0, start: str = "paper",
               progress: bool = True) -> CalibrationReport:
@@ -164,6 +165,10 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
         distill_steps, distill_lr: end-to-end distillation of the packed model's scales and routers afterwards
             (`distill_scales`; 0: none). Its teacher is a copy of the dense model taken at the start: P more
             bytes of memory.
+        distill_samples: windows of ``seq_len`` tokens the distillation draws its batches from: the first
+            ``distill_samples`` windows of ``data`` (default: the ``samples`` calibration windows). More costs
+            only tokenizing, since the teacher runs on each batch: on SmolLM2-135M, 80 steps on 256 windows
+            reached held-out perplexity 59.8 against 72.0 on the 64 calibration windows (README).
         device: where each block trains (default: "cuda" when available, else "cpu"); the model stays on CPU.
         out: a folder for per-block checkpoints (resumed by a rerun with the same settings) and, at the end, the
             packed model (``save_pretrained``) and the tokenizer. None: nothing is written.
@@ -190,6 +195,10 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
         raise ValueError("model already holds MoSLinear / PackedMoSLinear layers; calibrate a dense model")
     if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
         raise ValueError(f"distill_steps must be an int >= 0, got {distill_steps!r}")
+    if distill_samples is None:
+        distill_samples = samples
+    if isinstance(distill_samples, bool) or not isinstance(distill_samples, int) or distill_samples < 1:
+        raise ValueError(f"distill_samples must be an int >= 1 or None, got {distill_samples!r}")
     blocks = decoder_blocks(model)
     layers = {block: [f"{block}.{name}" for name, m in model.get_submodule(block).named_modules()
                       if isinstance(m, LINEAR_TYPES)] for block in blocks}
@@ -205,7 +214,8 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     seconds: dict[str, float] = {}
 
     began = time.perf_counter()
-    ids = calibration_windows(tokenizer, data, samples, seq_len)
+    windows = calibration_windows(tokenizer, data, max(samples, distill_samples if distill_steps else 0), seq_len)
+    ids = windows[:samples]
     teacher = copy.deepcopy(model) if distill_steps else None
     hidden, block_kwargs = block_inputs(model, blocks[0], ids)
     streams = _Streams(hidden, offload_dir, batch_size, device, dtype)
@@ -251,8 +261,8 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     losses: list[float] = []
     if distill_steps:
         began = time.perf_counter()
-        losses = distill_scales(model, teacher, ids, steps=distill_steps, lr=distill_lr, batch_size=batch_size,
-                                seed=seed, device=device, progress=progress)
+        losses = distill_scales(model, teacher, windows[:distill_samples], steps=distill_steps, lr=distill_lr,
+                                batch_size=batch_size, seed=seed, device=device, progress=progress)
         seconds["distill"] = time.perf_counter() - began
         del teacher
     model.eval()
