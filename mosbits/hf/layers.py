@@ -198,11 +198,8 @@ class PackedMoSLinear(_MoSShape):
             packed, experts, router, bias = self.matmul_args()
             return mosbits.matmul(x, packed, experts, router, bias=bias, precision=self.precision).to(dtype)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            router = self._held("router")
-            if router is None:
-                router = s_in.new_zeros(1, self.in_features)
-            return packed_linear(x, self._held("signs"), self.in_features, s_in, self._held("s_out"), router,
-                                 self._held("bias"), self.precision).to(dtype)
+            return packed_linear(x, self._held("signs"), self.in_features, s_in, self._held("s_out"),
+                                 self._gate_router(), self._held("bias"), self.precision).to(dtype)
         shared = self.__dict__.get("_shared_input")
         y = self.prepared()(x) if shared is None else shared.output(self, source, x)
         return y if y.dtype == dtype else y.to(dtype)
@@ -250,9 +247,13 @@ class PackedMoSLinear(_MoSShape):
     def matmul_args(self) -> tuple[mosbits.PackedSigns, mosbits.Experts, torch.Tensor, torch.Tensor | None]:
         """The layer as ``mosbits.matmul``'s (packed (N, K), experts, router (E, K), bias (N,) or None); with
         E = 1 the router is a zero (1, K) tensor (gate exactly 1)."""
-        router = self.router if self.router is not None else self.s_in.new_zeros(1, self.in_features)
         packed = mosbits.PackedSigns(self.signs, (self.out_features, self.in_features))
-        return packed, mosbits.Experts(self.s_in, self.s_out), router, self.bias
+        return packed, mosbits.Experts(self.s_in, self.s_out), self._gate_router(), self.bias
+
+    def _gate_router(self) -> torch.Tensor:
+        """The router (E, K), or for E = 1 a zero (1, K) tensor (gate exactly 1)."""
+        router = self._held("router")
+        return router if router is not None else self._held("s_in").new_zeros(1, self.in_features)
 
 
 class DecodeLinear(nn.Linear):
