@@ -204,7 +204,8 @@ def test_a_corrupt_block_checkpoint_is_named(tmp_path, monkeypatch):
     ({"lr": float("nan")}, ValueError, "lr must be a finite float"),
     ({"distill_steps": -2}, ValueError, "distill_steps"),
     ({"distill_samples": 0}, ValueError, r"distill_samples must be an int >= 1 or None, got 0"),
-    ({"distill_steps": 1, "distill_samples": 1000}, ValueError, r"samples x seq_len = 1000 x 16"),
+    ({"distill_steps": 1, "distill_samples": 1000}, ValueError,
+     r"distill_samples x seq_len = 1000 x 16 = 16000 are needed: give more text or lower distill_samples"),
     ({"start": "gptq"}, ValueError, r"start must be one of \('paper', 'data'\), got 'gptq'"),
     ({"samples": 1000}, ValueError, r"holds \d+ tokens; samples x seq_len = 1000 x 16 = 16000 are needed"),
     ({"device": "gpu0"}, ValueError, r"device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"),
@@ -400,9 +401,12 @@ def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
     (tmp_path / "text.txt").write_text("\n".join(TEXT[i:i + 60] for i in range(0, len(TEXT), 60)))
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "dense"), "--text", str(tmp_path / "text.txt"),
-                              "--samples", "4", "--seq-len", "16", "--steps-per-block", "3", "--distill-steps", "2",
-                              "--eval-windows", "2", "--experts", "2", "--out", str(tmp_path / "out")])
+    options = ["--model", str(tmp_path / "dense"), "--text", str(tmp_path / "text.txt"), "--samples", "4",
+               "--seq-len", "16", "--steps-per-block", "3", "--distill-steps", "2", "--eval-windows", "2",
+               "--experts", "2", "--out", str(tmp_path / "out")]
+    assert command.run(parser.parse_args(options)) == 1, "the default --distill-samples needs 256 windows"
+    assert "distill_samples x seq_len = 256 x 16 = 4096 are needed" in capsys.readouterr().err
+    args = parser.parse_args([*options, "--distill-samples", "4"])
     assert command.run(args) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "outputs identical" in out and "model.layers.1" in out

@@ -214,7 +214,9 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     seconds: dict[str, float] = {}
 
     began = time.perf_counter()
-    windows = calibration_windows(tokenizer, data, max(samples, distill_samples if distill_steps else 0), seq_len)
+    more = bool(distill_steps) and distill_samples > samples
+    windows = calibration_windows(tokenizer, data, distill_samples if more else samples, seq_len,
+                                  "distill_samples" if more else "samples")
     ids = windows[:samples]
     teacher = copy.deepcopy(model) if distill_steps else None
     hidden, block_kwargs = block_inputs(model, blocks[0], ids)
@@ -321,8 +323,9 @@ def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *
             "block": 16 * sum(n * k for n, k in block), "minibatch": 4 * batch_size * seq_len * per_token}
 
 
-def calibration_windows(tokenizer: Any, data: Any, samples: int, seq_len: int) -> torch.Tensor:
-    """The first ``samples * seq_len`` tokens of ``data`` (see `calibrate`), as (samples, seq_len) int64.
+def calibration_windows(tokenizer: Any, data: Any, samples: int, seq_len: int, name: str = "samples") -> torch.Tensor:
+    """The first ``samples * seq_len`` tokens of ``data`` (see `calibrate`), as (samples, seq_len) int64;
+    ``name`` is the setting that asked for ``samples`` windows (for the error).
 
     Texts are joined by blank lines and tokenized `TEXT_CHUNK_CHARS` characters at a time (cut at a line break
     where there is one); reading stops as soon as enough tokens are there.
@@ -337,8 +340,8 @@ def calibration_windows(tokenizer: Any, data: Any, samples: int, seq_len: int) -
         if len(ids) >= need:
             break
     if len(ids) < need:
-        raise ValueError(f"the calibration text holds {len(ids)} tokens; samples x seq_len = {samples} x {seq_len} "
-                         f"= {need} are needed: give more text or lower samples / seq_len")
+        raise ValueError(f"the calibration text holds {len(ids)} tokens; {name} x seq_len = {samples} x {seq_len} "
+                         f"= {need} are needed: give more text or lower {name} / seq_len")
     return torch.tensor(ids[:need], dtype=torch.long).view(samples, seq_len)
 
 
