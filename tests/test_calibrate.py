@@ -406,6 +406,7 @@ def test_calibrate_command_on_a_tiny_model(tmp_path, capsys):
                "--experts", "2", "--out", str(tmp_path / "out")]
     assert command.run(parser.parse_args(options)) == 1, "the default --distill-samples needs 256 windows"
     assert "distill_samples x seq_len = 256 x 16 = 4096 are needed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "a refused run must leave no folder for the next run to trip on"
     args = parser.parse_args([*options, "--distill-samples", "4"])
     assert command.run(args) == 0
     out = capsys.readouterr().out

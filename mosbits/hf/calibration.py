@@ -208,15 +208,15 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    checkpoints = _Checkpoints(out, settings, model) if out is not None else None
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    model.requires_grad_(False)
-    seconds: dict[str, float] = {}
-
     began = time.perf_counter()
     more = bool(distill_steps) and distill_samples > samples
     windows = calibration_windows(tokenizer, data, distill_samples if more else samples, seq_len,
                                   "distill_samples" if more else "samples")
+    # after the text is read: a run refused for too little text leaves no folder for a rerun to take as another run
+    checkpoints = _Checkpoints(out, settings, model) if out is not None else None
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    model.requires_grad_(False)
+    seconds: dict[str, float] = {}
     ids = windows[:samples]
     teacher = copy.deepcopy(model) if distill_steps else None
     hidden, block_kwargs = block_inputs(model, blocks[0], ids)
