@@ -4,7 +4,8 @@ The signs are unpacked TILE_BYTES at a time along N and never as a whole: for a 
 most ``4.5 * rows * Kp`` extra bytes for the signs, with ``Kp = 32 * ceil(K / 32)`` and
 ``rows = max(1, TILE_BYTES // (4 * Kp))`` (a float32 tile of ``rows`` x Kp plus its int32 byte index of
 ``rows * Kp / 8`` elements: 9 MiB with the default 8 MiB tile), whatever N is. The same holds in backward,
-where only the packed bytes are saved. Everything after the inputs runs in float32; the result is cast to x's dtype.
+where only the packed bytes of the signs are saved. Everything after the inputs runs in float32; the result is
+cast to x's dtype. For the backward a call keeps (K + N + E) floats per row of x beyond x itself (`_MoSProduct`).
 """
 
 from __future__ import annotations
@@ -32,36 +33,51 @@ def _sign_tiles(data: torch.Tensor, k: int):
         yield n0, n1, unpack(PackedSigns(data[n0:n1], (n1 - n0, k)), torch.float32)
 
 
-class _SignProduct(torch.autograd.Function):
-    """xs (M, K) float32 -> xs @ B.T (M, N), with B unpacked tile by tile in forward and backward."""
+class _MoSProduct(torch.autograd.Function):
+    """x (M, K), router (E, K), s_in (E, K), s_out (E, N), all float32 -> ((x * (g @ s_in)) @ B.T) * (g @ s_out)
+    (M, N) with g = softmax(x @ router.T); B is unpacked tile by tile in forward and backward.
+
+    For the backward it keeps x, the gates g (M, E) and z = (x * (g @ s_in)) @ B.T (M, N), and recomputes the
+    per-token scales g @ s_in and g @ s_out (rank-E products): torch's own graph of the same expression would
+    also keep both scales and (M, K) + 2 (M, N) more floats, nearly doubling a training step's activations."""
 
     @staticmethod
-    def forward(ctx: Any, xs: torch.Tensor, data: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(data)
-        ctx.k = k
-        y = arrays.empty(xs, (xs.shape[0], data.shape[0]))
+    def forward(ctx: Any, x: torch.Tensor, router: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor,
+                data: torch.Tensor, k: int) -> torch.Tensor:
+        gates = torch.softmax(x @ router.T, dim=-1)
+        xs = x * (gates @ s_in)
+        z = arrays.empty(xs, (xs.shape[0], data.shape[0]))
         for n0, n1, signs in _sign_tiles(data, k):
-            y[:, n0:n1] = xs @ signs.T
-        return y
+            z[:, n0:n1] = xs @ signs.T
+        ctx.save_for_backward(x, router, s_in, s_out, data, gates, z)
+        ctx.k = k
+        return z * (gates @ s_out)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (data,) = ctx.saved_tensors
-        grad_xs = torch.zeros(grad_y.shape[0], ctx.k, dtype=torch.float32, device=grad_y.device)
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, router, s_in, s_out, data, gates, z = ctx.saved_tensors
+        grad_y = grad_y.float()
+        grad_s_out_rows = grad_y * z
+        grad_z = grad_y * (gates @ s_out)
+        del z
+        grad_xs = torch.zeros_like(x)
         for n0, n1, signs in _sign_tiles(data, ctx.k):
-            grad_xs.addmm_(grad_y[:, n0:n1].float(), signs)
-        return grad_xs, None, None
+            grad_xs.addmm_(grad_z[:, n0:n1], signs)
+        grad_s_in_rows = grad_xs * x
+        grad_gates = grad_s_in_rows @ s_in.T + grad_s_out_rows @ s_out.T
+        grad_logits = gates * (grad_gates - (grad_gates * gates).sum(dim=-1, keepdim=True))
+        want_x, want_router, want_s_in, want_s_out = ctx.needs_input_grad[:4]
+        grad_x = grad_xs * (gates @ s_in) + grad_logits @ router if want_x else None
+        return (grad_x, grad_logits.T @ x if want_router else None, gates.T @ grad_s_in_rows if want_s_in else None,
+                gates.T @ grad_s_out_rows if want_s_out else None, None, None)
 
 
 def matmul(x: torch.Tensor, packed: PackedSigns, experts: Any, router: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """y (..., N) = ((x * (g @ s_in)) @ B.T) * (g @ s_out) + bias with g = softmax(x @ router.T), x (..., K)."""
     n, k = packed.shape
-    x2 = x.reshape(-1, k).float()
-    gates = torch.softmax(x2 @ router.float().T, dim=-1)
-    s_in = gates @ experts.s_in.float()
-    s_out = gates @ experts.s_out.float()
-    y = _SignProduct.apply(x2 * s_in, packed.data, k) * s_out
+    y = _MoSProduct.apply(x.reshape(-1, k).float(), router.float(), experts.s_in.float(), experts.s_out.float(),
+                          packed.data, k)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
