@@ -711,3 +711,30 @@ def test_a_pickled_packed_model_still_saves_a_mosbits_folder(tmp_path):
     copy_.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mosbits"
     assert torch.equal(logits(mh.load(tmp_path), batch()), logits(student, batch()))
+
+
+def test_token_kl_is_the_plain_expression_chunked_with_its_gradients(monkeypatch):
+    """`token_kl` against ``(q * (log q - log p)).sum(-1)`` in float64, with rows split over chunks: values and
+    gradients in both logits agree to float64 rounding, and float64 inputs are not cut to float32."""
+    from mosbits.hf import distillation
+
+    monkeypatch.setattr(distillation, "KL_CHUNK_FLOATS", 20)
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(3, 5, 7, dtype=torch.float64, generator=generator).requires_grad_(True)
+                        for _ in range(2))
+    weights = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+
+    def plain(s, t):
+        log_p, log_q = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+    got = distillation.token_kl(student, teacher)
+    assert got.dtype == torch.float64 and got.shape == (3, 5)
+    want = plain(student, teacher)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (student, teacher)),
+                    torch.autograd.grad((want * weights).sum(), (student, teacher)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(distillation.token_kl, (student, teacher))
+    with pytest.raises(ValueError, match="one shape"):
+        distillation.token_kl(student, teacher[:, :4])
