@@ -22,19 +22,32 @@ What happens, for a model whose decoder blocks are found by `mosbits.hf.surgery.
 4. Optionally, ``distill_steps`` of end-to-end distillation (`mosbits.hf.distill`'s loss) of the packed model's
    scales and routers, its signs frozen (`mosbits.hf.trainable_scales`).
 
-Memory: `peak_memory` states the formula, term by term, for a given model and settings. On the CPU:
+Memory: `peak_memory` states the formula, term by term, for a given model and settings. On the CPU, the block
+stage peaks at
 
-    peak ~= P                                   the model (dense blocks, then packed ones), and P again for the
+    P                                           the model (dense blocks, then packed ones), and P again for the
                                                 distillation's teacher copy when distill_steps > 0
-          + 2 * samples * seq_len * D * 4       the two float32 streams (0 with offload_dir: disk-backed arrays)
-          + 16 * p                              one block's fp32 latents, gradients and Adam's two moments
-          + 4 * batch_size * seq_len * a        one minibatch's autograd activations, a = sum over the block's
+    + 2 * samples * seq_len * D * 4             the two float32 streams (0 with offload_dir: disk-backed arrays)
+    + 16 * p                                    one block's fp32 latents, gradients and Adam's two moments
+    + 4 * batch_size * seq_len * a              one minibatch's autograd activations, a = sum over the block's
                                                 linears of (K + N) + 4 * I + 4 * D floats per token
 
 for P bytes of weights, D the hidden size, p the weights of the largest block's linears and I its widest linear.
 With ``device="cuda"`` the last two terms are device memory and the model stays on the CPU: a 70B LLaMA
 (P = 140 GB bf16 in host RAM; p = 0.86e9, D = 8192, I = 28672) calibrated on 128 x 2048 tokens needs 17 GB of
 streams (in RAM or on disk) and 14 GB + 4 x 2048 x 0.4 MB = 17 GB for batch 4 on the device: one 80 GB GPU.
+The distillation stage (streams and block gone, the model packed) peaks at
+
+    P_packed + P                                the packed model and the teacher copy
+    + 4 * batch_size * seq_len * b              a whole model's activations kept for the backward, b = blocks x
+                                                (sum over a block's linears of N + 4 * I + 8 * D) + 3 * V
+                                                + (blocks + 1) * D floats per token (V the vocabulary: student
+                                                and teacher logits and their gradient; the teacher's hidden states)
+
+which grows with the model's depth and width: 15.6 MB per token for a LLaMA-7B, 128 GB for 4 x 2048 tokens, so
+large models distil with a smaller batch_size * seq_len, or not at all here (distill_steps = 0). These count
+live tensors; the process's RSS holds more, since the allocator keeps freed temporaries (on SmolLM2, 1.25x the
+distillation term plus about 0.3 GB for the Trainer).
 
 Each finished block is written to ``out/calibration/`` with the run's settings; a rerun with the same settings
 continues after the last finished block (the streams are recomputed through the finished blocks).
@@ -308,19 +321,26 @@ def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *
     """The terms of `calibrate`'s peak memory, in bytes, for ``model`` and these settings (module docstring).
 
     Returns:
-        ``{"model", "teacher", "streams", "block", "minibatch"}``; their sum is the peak on the CPU.
+        ``{"model", "teacher", "streams", "block", "minibatch", "distillation"}``: the block stage peaks at
+        model + teacher + streams + block + minibatch on the CPU, the distillation stage (``distill``; else its
+        term is 0) at the packed model + teacher + distillation.
     """
     weights = sum(t.numel() * t.element_size() for t in distinct(model.state_dict().values()))
     width = model.get_input_embeddings().weight.shape[1]
+    vocab = model.get_input_embeddings().weight.shape[0]
     shapes = [[(m.out_features, m.in_features) if isinstance(m, MoSLinear | PackedMoSLinear) else linear_shape(m)
                for m in model.get_submodule(block).modules() if isinstance(m, (*LINEAR_TYPES, MoSLinear,
                                                                                 PackedMoSLinear))]
               for block in decoder_blocks(model)]
     block = max(shapes, key=lambda s: sum(n * k for n, k in s))
-    per_token = sum(n + k for n, k in block) + 4 * max(max(n, k) for n, k in block) + 4 * width
+    widest = max(max(n, k) for n, k in block)
+    per_token = sum(n + k for n, k in block) + 4 * widest + 4 * width
+    kept = (len(shapes) * (sum(n for n, _ in block) + 4 * widest + 8 * width) + 3 * vocab
+            + (len(shapes) + 1) * width)
     return {"model": weights, "teacher": weights if distill else 0,
             "streams": 0 if offloaded else 2 * samples * seq_len * width * 4,
-            "block": 16 * sum(n * k for n, k in block), "minibatch": 4 * batch_size * seq_len * per_token}
+            "block": 16 * sum(n * k for n, k in block), "minibatch": 4 * batch_size * seq_len * per_token,
+            "distillation": 4 * batch_size * seq_len * kept if distill else 0}
 
 
 def calibration_windows(tokenizer: Any, data: Any, samples: int, seq_len: int, name: str = "samples") -> torch.Tensor:
