@@ -102,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
           f"{args.batch_size} windows, lr {args.lr} / {args.latent_lr}, {args.distill_steps} distillation steps "
           f"on {distill_samples} windows at lr {args.distill_lr}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
+    terms = mh.calibration.peak_memory(model, args.samples, args.seq_len, args.batch_size,
+                                       distill=bool(args.distill_steps), offloaded=args.offload_dir is not None)
+    blocks = sum(v for k, v in terms.items() if k != "distillation")
+    print(f"memory by mosbits.hf.calibration.peak_memory (live tensors; the allocator adds some): block stage "
+          f"{blocks / 2**30:.2f} GiB, distillation stage {(terms['teacher'] + terms['distillation']) / 2**30:.2f} "
+          f"GiB beside the packed model", flush=True)
 
     def perplexity(what: str) -> float:
         PROGRESS.show(f"calibrate: held-out perplexity of the {what} ...")

@@ -44,9 +44,9 @@ The distillation stage (streams and block gone, the model packed) peaks at
                                                 + (blocks + 1) * D floats per token (V the vocabulary: student
                                                 and teacher logits and their gradient; the teacher's hidden states)
 
-which grows with the model's depth and width: 15.6 MB per token for a LLaMA-7B, 128 GB for 4 x 2048 tokens, so
+which grows with the model's depth and width: 16 MB per token for a LLaMA-7B, 130 GB for 4 x 2048 tokens, so
 large models distil with a smaller batch_size * seq_len, or not at all here (distill_steps = 0). These count
-live tensors; the process's RSS holds more, since the allocator keeps freed temporaries (on SmolLM2, 1.25x the
+live tensors; the process's RSS holds more, since the allocator keeps freed temporaries (on SmolLM2, about 1.2x the
 distillation term plus about 0.3 GB for the Trainer).
 
 Each finished block is written to ``out/calibration/`` with the run's settings; a rerun with the same settings
