@@ -81,3 +81,48 @@ def test_jit_trace_records_the_operator_not_a_constant():
         traced = torch.jit.trace(layer, x1)
         assert "mosbits::packed_linear" in str(traced.graph)
         assert torch.equal(traced(x2), layer(x2))
+
+
+def test_the_operator_serves_a_live_layer_from_its_prepared_layer(monkeypatch):
+    """In a compiled model each node runs its layer's prepared layer (no per-call ``mosbits.matmul``), and sees
+    what the eager layer sees after its buffers change in place or are replaced."""
+    import mosbits
+
+    model = packed_llama()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    compiled = torch.compile(model, backend=recording_backend([]))
+    calls = []
+    unprepared = mosbits.matmul
+    monkeypatch.setattr(mosbits, "matmul", lambda *a, **k: calls.append(1) or unprepared(*a, **k))
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        assert_same_logits(compiled(ids).logits, model(ids).logits)
+        assert not calls, "a live layer's node must not take the unprepared path"
+        layer.s_out.mul_(2)
+        assert_same_logits(compiled(ids).logits, model(ids).logits)
+        layer.s_in = layer.s_in * 0.5
+        assert_same_logits(compiled(ids).logits, model(ids).logits)
+    assert not calls
+
+
+def test_the_operator_on_tensors_of_no_live_layer_computes_what_matmul_does(monkeypatch):
+    """A direct call with copies of a layer's buffers, and an E = 1 layer's signs with a router that is not its
+    zero row, are not served by the layer's prepared layer but by ``mosbits.matmul``."""
+    import mosbits
+
+    calls = []
+    unprepared = mosbits.matmul
+    monkeypatch.setattr(mosbits, "matmul", lambda *a, **k: calls.append(1) or unprepared(*a, **k))
+    for num_experts in (4, 1):
+        layer = packed_llama(num_experts).model.layers[0].self_attn.o_proj
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        signs = layer.signs.clone() if num_experts > 1 else layer.signs
+        router = layer.router.clone() if num_experts > 1 else torch.ones(1, 64, device=DEVICE)
+        with torch.no_grad():
+            s_in, s_out = (layer.s_in.clone(), layer.s_out.clone()) if num_experts > 1 else (layer.s_in, layer.s_out)
+            got = OPERATOR(x, signs, 64, s_in, s_out, router, layer.bias, "exact")
+            assert len(calls) == 1, num_experts
+            want = unprepared(x, mosbits.PackedSigns(signs, (64, 64)), mosbits.Experts(layer.s_in, layer.s_out),
+                              router, bias=layer.bias)
+        assert torch.equal(got, want), num_experts
+        calls.clear()

@@ -27,6 +27,7 @@ import mosbits
 from mosbits import dispatch
 from mosbits.experts import rank1_abs_factors
 from mosbits.format import row_bytes
+from mosbits.hf import operator
 from mosbits.hf.operator import packed_linear
 
 
@@ -164,6 +165,7 @@ class PackedMoSLinear(_MoSShape):
         self.register_buffer("s_out", torch.ones(num_experts, out_features, **factory))
         self.register_buffer("router", torch.zeros(num_experts, in_features, **factory) if num_experts > 1 else None)
         self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
+        operator.track(self)
 
     @classmethod
     def from_mos(cls, layer: MoSLinear) -> PackedMoSLinear:
@@ -238,6 +240,25 @@ class PackedMoSLinear(_MoSShape):
         state = self.__dict__.copy()
         state.pop("_prepared", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        operator.track(self)
+
+    def serves(self, signs: torch.Tensor, in_features: int, s_in: torch.Tensor, s_out: torch.Tensor,
+               router: torch.Tensor, bias: torch.Tensor | None, precision: str) -> bool:
+        """Whether ``torch.ops.mosbits.packed_linear``'s arguments are this layer as it is now: its buffers (the
+        same memory, shape, dtype and strides), its precision, and for E = 1 a zero router row."""
+        held = self._held
+        mine = held("router")
+        if mine is None and not (router.shape == (1, self.in_features) and not bool(router.any())):
+            return False
+        pairs = ((signs, held("signs")), (s_in, held("s_in")), (s_out, held("s_out")), (bias, held("bias")),
+                 (router, router if mine is None else mine))
+        return (precision == self.precision and in_features == self.in_features
+                and all(a is b or (a is not None and b is not None and a.data_ptr() == b.data_ptr()
+                                   and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+                                   and a.stride() == b.stride()) for a, b in pairs))
 
     def tensors(self) -> list[torch.Tensor]:
         """signs, s_in, s_out, router (absent when E = 1) and bias (when there is one): the layer's tensors,
