@@ -365,6 +365,27 @@ def test_distillation_on_top_moves_scales_only():
     assert {t.device.type for t in b.values()} == {"cpu"}, "the distilled model must come back to the CPU"
 
 
+def test_distillation_with_checkpointing_gives_the_same_model():
+    """Recomputing the blocks' activations in the backward changes memory, not the result: the same losses and
+    state, bit for bit; the model's gradient checkpointing is off again afterwards."""
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, calls = MODELS["llama"]().eval(), []
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        report = mh.calibrate(model, TEXT, tokenizer=char_tokenizer(), progress=False,
+                              **{**SMALL, "distill_steps": 3, "distill_checkpointing": checkpointing})
+        runs.append((model, report, len(calls)))
+    (plain, plain_report, plain_calls), (checkpointed, report, calls) = runs
+    assert calls == plain_calls + 3, "checkpointing runs each block again in every step's backward"
+    assert report.distill_losses == plain_report.distill_losses
+    assert_same_state(plain, checkpointed)
+    assert not checkpointed.is_gradient_checkpointing
+    terms = [calibration.peak_memory(plain, 4, 16, 2, distill=True, checkpointing=c)["distillation"]
+             for c in (False, True)]
+    assert terms[1] < terms[0]
+
+
 def test_distillation_draws_from_distill_samples_windows(monkeypatch):
     """The distillation gets the first ``distill_samples`` windows of the text (the calibration windows first),
     the blocks the ``samples`` calibration windows only; the default is the calibration windows."""

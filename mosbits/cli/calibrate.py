@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows of --seq-len tokens the distillation draws from, the calibration windows "
                              f"first (default: the larger of {DISTILL_SAMPLES} and --samples)")
     parser.add_argument("--distill-lr", type=float, default=2e-3, help="its learning rate (default: 2e-3)")
+    parser.add_argument("--distill-checkpointing", action="store_true",
+                        help="recompute each block's activations in the distillation's backward instead of keeping "
+                             "them: the same model, less memory, more time")
     parser.add_argument("--device", default=None, help="where each block trains (default: cuda if available)")
     parser.add_argument("--offload-dir", type=Path, default=None,
                         help="keep the calibration activations in disk-backed arrays in this folder")
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
           f"on {distill_samples} windows at lr {args.distill_lr}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     terms = mh.calibration.peak_memory(model, args.samples, args.seq_len, args.batch_size,
-                                       distill=bool(args.distill_steps), offloaded=args.offload_dir is not None)
+                                       distill=bool(args.distill_steps), offloaded=args.offload_dir is not None,
+                                       checkpointing=args.distill_checkpointing)
     blocks = sum(v for k, v in terms.items() if k != "distillation")
     print(f"memory by mosbits.hf.calibration.peak_memory (live tensors; the allocator adds some): block stage "
           f"{blocks / 2**30:.2f} GiB, distillation stage {(terms['teacher'] + terms['distillation']) / 2**30:.2f} "
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, steps_per_block=args.steps_per_block,
                               batch_size=args.batch_size, lr=args.lr, latent_lr=args.latent_lr,
                               distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                              distill_samples=distill_samples, device=args.device,
+                              distill_samples=distill_samples,
+                              distill_checkpointing=args.distill_checkpointing, device=args.device,
                               out=args.out, offload_dir=args.offload_dir, seed=args.seed, start=args.start)
     except ValueError as err:
         print(f"mosbits calibrate: {err}", file=sys.stderr)

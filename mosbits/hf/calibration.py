@@ -44,10 +44,11 @@ The distillation stage (streams and block gone, the model packed) peaks at
                                                 + (blocks + 1) * D floats per token (V the vocabulary: student
                                                 and teacher logits and their gradient; the teacher's hidden states)
 
-which grows with the model's depth and width: 16 MB per token for a LLaMA-7B, 130 GB for 4 x 2048 tokens, so
-large models distil with a smaller batch_size * seq_len, or not at all here (distill_steps = 0). These count
-live tensors; the process's RSS holds more, since the allocator keeps freed temporaries (on SmolLM2, about 1.2x the
-distillation term plus about 0.3 GB for the Trainer).
+which grows with the model's depth and width: 16 MB per token for a LLaMA-7B, 130 GB for 4 x 2048 tokens. With
+``distill_checkpointing`` only each block's input is kept and one block's activations are recomputed at a time:
+b = (blocks + 1) * D + (sum of N + 4 * I + 8 * D) + 3 * V + (blocks + 1) * D, 2 MB per token for LLaMA-7B.
+These count live tensors; the process's RSS holds more, since the allocator keeps freed temporaries (on SmolLM2,
+about 1.2x the distillation term plus about 0.3 GB for the Trainer).
 
 Each finished block is written to ``out/calibration/`` with the run's settings; a rerun with the same settings
 continues after the last finished block (the streams are recomputed through the finished blocks).
@@ -158,7 +159,7 @@ class CalibrationReport:
 def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts: int = 4, samples: int = 64,
               seq_len: int = 256, steps_per_block: int = 120, batch_size: int = 4, lr: float = 1e-2,
               latent_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 2e-3,
-              distill_samples: int | None = None,
+              distill_samples: int | None = None, distill_checkpointing: bool = False,
               device: str | torch.device | None = None, out: str | os.PathLike | None = None,
               offload_dir: str | os.PathLike | None = None, seed: int = 0, start: str = "paper",
               progress: bool = True) -> CalibrationReport:
@@ -182,6 +183,10 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
             ``distill_samples`` windows of ``data`` (default: the ``samples`` calibration windows). More costs
             only tokenizing, since the teacher runs on each batch: on SmolLM2-135M, 80 steps on 256 windows
             reached held-out perplexity 59.8 against 72.0 on the 64 calibration windows (README).
+        distill_checkpointing: recompute each decoder block's activations in the distillation's backward
+            (transformers' gradient checkpointing) instead of keeping them: the same model, bit for bit, in more
+            time (about 3x per step on SmolLM2, timed beside other work), with the memory of `peak_memory`'s
+            ``checkpointing`` (for a LLaMA-7B 2 MB per token instead of 16).
         device: where each block trains (default: "cuda" when available, else "cpu"); the model stays on CPU.
         out: a folder for per-block checkpoints (resumed by a rerun with the same settings) and, at the end, the
             packed model (``save_pretrained``) and the tokenizer. None: nothing is written.
@@ -277,6 +282,7 @@ def calibrate(model: nn.Module, data: Any, *, tokenizer: Any = None, num_experts
     if distill_steps:
         began = time.perf_counter()
         losses = distill_scales(model, teacher, windows[:distill_samples], steps=distill_steps, lr=distill_lr,
+                                checkpointing=distill_checkpointing,
                                 batch_size=batch_size, seed=seed, device=device, progress=progress)
         seconds["distill"] = time.perf_counter() - began
         del teacher
@@ -295,11 +301,12 @@ KL + 10 x hidden MSE, whose loss there is dominated by the massive activations t
 
 
 def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, steps: int, lr: float,
-                   batch_size: int, seed: int = 0, mse_weight: float = DISTILL_MSE_WEIGHT,
+                   batch_size: int, seed: int = 0, mse_weight: float = DISTILL_MSE_WEIGHT, checkpointing: bool = False,
                    device: str | torch.device = "cpu", progress: bool = True) -> list[float]:
     """End-to-end distillation (`mosbits.hf.distill`'s schedule; KL on the logits plus ``mse_weight`` x the
     hidden-state MSE) of a packed model's scales and routers, its signs frozen, on token windows
-    (samples, seq_len); returns the loss of every step.
+    (samples, seq_len); returns the loss of every step. ``checkpointing``: transformers' gradient checkpointing
+    for this run (switched off again afterwards).
 
     Student and teacher train on ``device``'s type ("cuda": the Trainer's CUDA device; "cpu" even where a GPU is
     there) and are both back on the CPU afterwards, as `calibrate` promises."""
@@ -309,21 +316,25 @@ def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, 
     try:
         return distill(model, teacher, windows, steps=steps, lr=lr, seq_len=windows.shape[1],
                        batch_size=batch_size, seed=seed, mse_weight=mse_weight, disable_tqdm=not progress,
+                       gradient_checkpointing=checkpointing,
                        use_cpu=torch.device(device).type == "cpu")
     finally:
         trainable_scales(model, False)
+        if checkpointing:
+            model.gradient_checkpointing_disable()
         model.to("cpu")
         teacher.to("cpu")
 
 
 def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *, distill: bool = False,
-                offloaded: bool = False) -> dict[str, int]:
+                offloaded: bool = False, checkpointing: bool = False) -> dict[str, int]:
     """The terms of `calibrate`'s peak memory, in bytes, for ``model`` and these settings (module docstring).
 
     Returns:
         ``{"model", "teacher", "streams", "block", "minibatch", "distillation"}``: the block stage peaks at
         model + teacher + streams + block + minibatch on the CPU, the distillation stage (``distill``; else its
-        term is 0) at the packed model + teacher + distillation.
+        term is 0) at the packed model + teacher + distillation. With ``checkpointing`` (``distill_checkpointing``)
+        the distillation keeps each block's input and one block's activations at a time instead of all blocks'.
     """
     weights = sum(t.numel() * t.element_size() for t in distinct(model.state_dict().values()))
     width = model.get_input_embeddings().weight.shape[1]
@@ -335,8 +346,9 @@ def peak_memory(model: nn.Module, samples: int, seq_len: int, batch_size: int, *
     block = max(shapes, key=lambda s: sum(n * k for n, k in s))
     widest = max(max(n, k) for n, k in block)
     per_token = sum(n + k for n, k in block) + 4 * widest + 4 * width
-    kept = (len(shapes) * (sum(n for n, _ in block) + 4 * widest + 8 * width) + 3 * vocab
-            + (len(shapes) + 1) * width)
+    activations = sum(n for n, _ in block) + 4 * widest + 8 * width
+    kept = ((1 if checkpointing else len(shapes)) * activations + 3 * vocab
+            + (2 if checkpointing else 1) * (len(shapes) + 1) * width)
     return {"model": weights, "teacher": weights if distill else 0,
             "streams": 0 if offloaded else 2 * samples * seq_len * width * 4,
             "block": 16 * sum(n * k for n, k in block), "minibatch": 4 * batch_size * seq_len * per_token,
