@@ -250,11 +250,12 @@ class PackedMoSLinear(_MoSShape):
         """Whether ``torch.ops.mosbits.packed_linear``'s arguments are this layer as it is now: its buffers (the
         same memory, shape, dtype and strides), its precision, and for E = 1 a zero router row."""
         held = self._held
+        pairs = [(signs, held("signs")), (s_in, held("s_in")), (s_out, held("s_out")), (bias, held("bias"))]
         mine = held("router")
-        if mine is None and not (router.shape == (1, self.in_features) and not bool(router.any())):
+        if mine is not None:
+            pairs.append((router, mine))
+        elif router.shape != (1, self.in_features) or bool(router.any()):
             return False
-        pairs = ((signs, held("signs")), (s_in, held("s_in")), (s_out, held("s_out")), (bias, held("bias")),
-                 (router, router if mine is None else mine))
         return (precision == self.precision and in_features == self.in_features
                 and all(a is b or (a is not None and b is not None and a.data_ptr() == b.data_ptr()
                                    and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape

@@ -37,15 +37,18 @@ def track(layer: Any) -> None:
 def _prepared_for(signs: torch.Tensor, *tensors: Any) -> mosbits.PreparedLayer | None:
     """The prepared layer of the live layer whose buffers ``signs`` and ``tensors`` are (`PackedMoSLinear.serves`),
     or None."""
-    for attempt in range(2):
-        ref = _BY_SIGNS.get(signs.data_ptr())
-        layer = ref() if ref is not None else None
-        if layer is not None and layer.serves(signs, *tensors):
-            return layer.prepared()
-        if attempt == 0:
-            _BY_SIGNS.clear()
-            _BY_SIGNS.update((layer.signs.data_ptr(), weakref.ref(layer)) for layer in list(_LAYERS))
-    return None
+    layer = _layer_at(signs)
+    if layer is None or not layer.serves(signs, *tensors):
+        _BY_SIGNS.clear()
+        _BY_SIGNS.update((live.signs.data_ptr(), weakref.ref(live)) for live in list(_LAYERS))
+        layer = _layer_at(signs)
+    return layer.prepared() if layer is not None and layer.serves(signs, *tensors) else None
+
+
+def _layer_at(signs: torch.Tensor) -> Any:
+    """The live layer `_BY_SIGNS` holds at the address of ``signs``, or None."""
+    ref = _BY_SIGNS.get(signs.data_ptr())
+    return ref() if ref is not None else None
 
 
 @torch.library.custom_op("mosbits::packed_linear", mutates_args=())
