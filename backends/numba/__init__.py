@@ -309,7 +309,7 @@ class NumbaGroup:
                 raise ValueError(f"a group's layers must share their {name}, got {sorted(map(str, values))}")
         self.k, self.kp, self.fast, self.isa = lead.k, lead.kp, lead.fast, lead.isa
         self.forced_path, self.error = lead.forced_path, lead.error
-        self._plans: dict[tuple[bool, bool], tuple[Any, tuple[Any, ...]]] = {}
+        self._plans: dict[tuple[bool, bool], tuple[Any, ...]] = {}
 
     def __call__(self, x: Any) -> list[Any]:
         m, bf16, gemm = _route(self, x)
@@ -317,34 +317,42 @@ class NumbaGroup:
             return [layer(x) for layer in self.layers]
         return self.lookup(x, m, bf16)
 
-    def _plan(self, serial: bool, bf16: bool) -> tuple[Any, tuple[Any, ...]]:
-        """(compiled group kernel, the layers' constant arguments), kept per (serial, bf16)."""
+    def _plan(self, serial: bool, bf16: bool) -> tuple[Any, tuple[Any, ...], tuple[tuple[int, int, int], ...], int]:
+        """(compiled group kernel, the layers' constant arguments, each layer's (start, N, width) in the flat
+        output, the output's elements per token), kept per (serial, bf16): outputs hold N columns for bfloat16
+        tokens, else Np (the kernels write whole row blocks)."""
         found = self._plans.get((serial, bf16))
         if found is None:
-            constants = tuple((layer.router, layer.s_in, layer.s_out, layer.bias, *layer.codes()[::-1])
-                              for layer in self.layers)
+            constants, spans, start = [], [], 0
+            for layer in self.layers:
+                np_, codes = layer.codes()
+                width = layer.n if bf16 else np_
+                sizes = (np_, layer.n) if bf16 else (np_,)
+                constants.append((layer.router, layer.s_in, layer.s_out, layer.bias, codes, *sizes, start))
+                spans.append((start, layer.n, width))
+                start += width
             kernel = _kernels.group_kernel(self.fast, _lanes(self), serial, bf16)
-            found = self._plans[(serial, bf16)] = (kernel, constants)
+            found = self._plans[(serial, bf16)] = (kernel, tuple(constants), tuple(spans), start)
         return found
 
     def lookup(self, x: Any, m: int, bf16: bool) -> list[Any]:
-        """The lookup path for x (..., K) of m tokens (bfloat16 torch tokens if ``bf16``)."""
-        run, constants = self._plan(m <= SERIAL_MAX_M, bf16)
-        lead = self.layers[0]
+        """The lookup path for x (..., K) of m tokens (bfloat16 torch tokens if ``bf16``): one compiled call
+        writes every layer's output into one flat array, and each y is a view of its part."""
+        run, constants, spans, width = self._plan(m <= SERIAL_MAX_M, bf16)
+        lead, shape = self.layers[0], x.shape[:-1]
         if bf16:
             import torch
 
             x = x.detach() if x.requires_grad else x
             bits = x.contiguous().view(torch.int16).numpy().reshape(m, self.k)
-            lead_shape = x.shape[:-1]
-            outputs = [arrays.empty(bits, (*lead_shape, layer.n), np.int16) for layer in self.layers]
-            layers = tuple((*c, y.reshape(m, y.shape[-1])) for c, y in zip(constants, outputs, strict=True))
-            lead._compiled(run, bits, self.kp, layers, arrays.poisoning())
-            return [torch.from_numpy(y).view(torch.bfloat16) for y in outputs]
+            flat = arrays.empty(bits, (m * width,), np.int16)
+            lead._compiled(run, bits, self.kp, constants, flat, arrays.poisoning())
+            return [torch.from_numpy(flat[m * start:m * (start + n)].reshape(*shape, n)).view(torch.bfloat16)
+                    for start, n, _ in spans]
         x32 = _float32(x).reshape(m, self.k)
-        layers = tuple((*c[:5], arrays.empty(x32, (m, c[5]), np.float32)) for c in constants)
-        lead._compiled(run, x32, self.kp, layers, arrays.poisoning())
-        return [_output(c[-1][:, :layer.n], x) for c, layer in zip(layers, self.layers, strict=True)]
+        flat = arrays.empty(x32, (m * width,), np.float32)
+        lead._compiled(run, x32, self.kp, constants, flat, arrays.poisoning())
+        return [_output(flat[m * start:m * (start + np_)].reshape(m, np_)[:, :n], x) for start, n, np_ in spans]
 
 
 DENSE_MAX_M = 2

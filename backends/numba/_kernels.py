@@ -394,22 +394,24 @@ def float32_to_bfloat16(values, n, out):
             out[m, i] = _bfloat16_bits(wide[m, i])
 
 
-def _group_template(x, kp, layers, poison):
+def _group_template(x, kp, layers, out, poison):
+    m = x.shape[0]
     for layer in literal_unroll(layers):
-        router, s_in, s_out, bias, codes, out = layer
-        LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
+        router, s_in, s_out, bias, codes, np_, start = layer
+        LAYER(x, router, s_in, s_out, bias, kp, codes, out[m * start:m * (start + np_)].reshape((m, np_)), poison)
 
 
-def _group_bf16_template(bits, kp, layers, poison):
+def _group_bf16_template(bits, kp, layers, out_bits, poison):
+    m = bits.shape[0]
     x = np.empty(bits.shape, dtype=np.float32)
     bfloat16_to_float32(bits, x)
     for layer in literal_unroll(layers):
-        router, s_in, s_out, bias, codes, np_, out_bits = layer
-        out = np.empty((x.shape[0], np_), dtype=np.float32)
+        router, s_in, s_out, bias, codes, np_, n, start = layer
+        out = np.empty((m, np_), dtype=np.float32)
         if poison:
             out[:] = np.nan
         LAYER(x, router, s_in, s_out, bias, kp, codes, out, poison)
-        float32_to_bfloat16(out, out_bits.shape[1], out_bits)
+        float32_to_bfloat16(out, n, out_bits[m * start:m * (start + n)].reshape((m, n)))
 
 
 LAYER = None
@@ -421,13 +423,15 @@ def group_kernel(fast: bool, lanes: int, serial: bool, bf16: bool):
     """The lookup path of layers that read the same tokens, as one compiled call (`layer_kernel` for each in
     turn): one call from Python instead of one per layer, and for bfloat16 tokens one conversion of the input.
 
-    run(x (M, K) float32, kp, layers, poison), ``layers`` a tuple with one tuple per layer of the arguments
-    `layer_kernel` takes (router, s_in, s_out, bias, codes, out (M, Np) float32). With ``bf16``:
-    run(bits (M, K) int16, kp, layers, poison), each layer's tuple ending in Np and out_bits (M, N) int16 instead
-    of out: the tokens' bfloat16 patterns go in and y's come out (rounded to nearest even as torch rounds), with
-    no torch conversion on either side (those two conversions were about a fifth of a packed
-    SmolLM2-135M decode step, `mosbits bench --model`). Each layer's output is bit for bit that of a call of its
-    own: the same kernels run on the same float32 tokens.
+    run(x (M, K) float32, kp, layers, out, poison), ``layers`` a tuple with one tuple per layer: the constant
+    arguments `layer_kernel` takes (router, s_in, s_out, bias, codes), then Np and ``start``, the sum of the Np of
+    the layers before it; ``out`` (M * sum Np,) float32 holds each layer's (M, Np) output in turn, from element
+    M * start (one array for the group: a call builds no tuples). With ``bf16``: run(bits (M, K) int16, kp, layers,
+    out_bits, poison), each layer's tuple (router, s_in, s_out, bias, codes, Np, N, start) with ``start`` the sum of
+    the N before it, and out_bits (M * sum N,) int16 holding the (M, N) outputs: the tokens' bfloat16 patterns go
+    in and y's come out (rounded to nearest even as torch rounds), with no torch conversion on either side (those
+    two conversions were about a fifth of a packed SmolLM2-135M decode step, `mosbits bench --model`). Each
+    layer's output is bit for bit that of a call of its own: the same kernels run on the same float32 tokens.
     """
     mode = f"{'fast' if fast else 'exact'}_{lanes}_{'serial' if serial else 'parallel'}"
     name = f"group_bf16_{mode}" if bf16 else f"group_{mode}"

@@ -63,13 +63,13 @@ class SharedInput:
             if kept[0] is source and kept[1] == source._version and kept[3] is prepared:
                 return kept[2]
             return self._stop(prepared, x)
-        if any(entry is not None for entry in self._pending):
+        if self._pending.count(None) < len(self._pending):  # another member's output is still kept
             return self._stop(layer.prepared(), x)
         if source.is_inference():  # no version counter (torch.inference_mode): a kept output could not be checked
             return layer.prepared()(x)
         layers = tuple(member.prepared() for member in self.members)
         group = self._group_of(layers)
-        if group is None or not group.layers[0].fits(x):
+        if group is None:
             return layers[index](x)
         outputs = group(x)
         version = source._version
