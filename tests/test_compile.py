@@ -74,6 +74,21 @@ def test_a_packed_layer_compiles_with_fullgraph(dtype):
     assert operator_nodes(graphs) >= 1
 
 
+def test_a_compiled_model_runs_its_dense_head_as_the_eager_model_does():
+    """The lm_head (`mosbits.hf.DecodeLinear`) is one ``mosbits::dense_linear`` node, which for a token or two runs
+    the numba dense kernel as the eager head does (inductor would compile ``nn.Linear`` to torch's matrix product):
+    the compiled logits of one token are the eager ones, bit for bit, and of a prompt too."""
+    model = packed_llama()
+    graphs = []
+    compiled = torch.compile(model, backend=recording_backend(graphs))
+    with torch.no_grad():
+        for length in (1, 9):
+            ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
+            assert_same_logits(compiled(ids).logits, model(ids).logits)
+    dense = torch.ops.mosbits.dense_linear.default
+    assert sum(node.target is dense for gm in graphs for node in gm.graph.nodes) == len(graphs)
+
+
 def test_jit_trace_records_the_operator_not_a_constant():
     layer = packed_llama().model.layers[1].self_attn.q_proj
     x1, x2 = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)

@@ -14,7 +14,6 @@ authors do), which maps a weight of exactly 0 to 0; `PackedMoSLinear` holds one 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any
@@ -286,25 +285,20 @@ class DecodeLinear(nn.Linear):
     Same parameters, ``state_dict`` and precision as the ``nn.Linear`` it was (`serve_dense_linears` changes the
     class of a model's own module, so tied weights stay tied); only the summation order differs. A packed model
     keeps its lm_head dense (the paper keeps it 16-bit), and at batch 1 that head is most of the bytes read per
-    token. ``MOSBITS_BACKEND`` set to a backend other than numba turns it off, and traces and compiled graphs
-    (``torch.jit.trace``, ``torch.compile``, ONNX export) record the plain ``nn.Linear``.
+    token. ``MOSBITS_BACKEND`` set to a backend other than numba turns it off. ``torch.compile`` records one
+    ``torch.ops.mosbits.dense_linear`` node (`mosbits.hf.operator.dense_linear`: the same choice at run time) where no
+    gradient is wanted, the plain ``nn.Linear`` otherwise; ``torch.jit.trace`` and ONNX export record the plain
+    ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if torch.jit.is_tracing():
             return super().forward(x)
-        backend = _numba_backend()
-        if (backend is not None and os.environ.get(dispatch.ENV_VAR, "numba") in ("numba", "auto")
-                and not backend.dense_refusal(x, self.weight, self.bias)):
-            return backend.run_dense(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-@functools.cache
-def _numba_backend() -> Any:
-    """The numba backend's module, or None where numba is not installed; imported on the first call of a
-    `DecodeLinear`, not when a model is built."""
-    return dispatch.load("numba") if dispatch.spec("numba").is_installed() else None
+        if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
+                return super().forward(x)
+            return torch.ops.mosbits.dense_linear.default(x, self.weight, self.bias)
+        return operator.dense_linear(x, self.weight, self.bias)
 
 
 def serve_dense_linears(model: nn.Module) -> int:
