@@ -78,6 +78,7 @@ def test_a_compiled_model_runs_its_dense_head_as_the_eager_model_does():
     """The lm_head (`mosbits.hf.DecodeLinear`) is one ``mosbits::dense_linear`` node, which for a token or two runs
     the numba dense kernel as the eager head does (inductor would compile ``nn.Linear`` to torch's matrix product):
     the compiled logits of one token are the eager ones, bit for bit, and of a prompt too."""
+    pytest.importorskip("numba", reason="packed models keep a plain nn.Linear head without the numba backend")
     model = packed_llama()
     graphs = []
     compiled = torch.compile(model, backend=recording_backend(graphs))
