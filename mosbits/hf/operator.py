@@ -20,6 +20,7 @@ compiled model's decode logits are the eager model's, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any
@@ -86,11 +87,18 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``F.linear(x, weight, bias)``: x (..., K), weight (V, K), bias (V,) or None -> (..., V), computed by the
     numba backend's dense kernel where it serves the call (`mosbits.backends.numba.dense_refusal`: a token or
     two on the CPU, bfloat16 or float32, no gradient) and ``MOSBITS_BACKEND`` allows numba, else by torch."""
-    if (os.environ.get(dispatch.ENV_VAR, "numba") in ("numba", "auto") and dispatch.spec("numba").is_installed()):
-        backend = dispatch.load("numba")
-        if not backend.dense_refusal(x, weight, bias):
-            return backend.run_dense(x, weight, bias)
+    backend = _numba_backend()
+    if (backend is not None and os.environ.get(dispatch.ENV_VAR, "numba") in ("numba", "auto")
+            and not backend.dense_refusal(x, weight, bias)):
+        return backend.run_dense(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _numba_backend() -> Any:
+    """The numba backend's module, or None where numba is not installed; looked up on the first `dense_linear`
+    call (not when a model is built), then kept: the look-up imports and searches packages."""
+    return dispatch.load("numba") if dispatch.spec("numba").is_installed() else None
 
 
 def _packed_linear_shape(x: torch.Tensor, signs: torch.Tensor, in_features: int, s_in: torch.Tensor,
