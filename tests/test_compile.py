@@ -1,5 +1,6 @@
 """Packed models in graphs: torch.compile and torch.jit.trace record one ``mosbits::packed_linear`` node per
-packed layer (`mosbits.hf.operator`) and compute what the eager model computes, bit for bit."""
+packed layer (`mosbits.hf.operator`) and compute what the eager model computes, bit for bit (layers that read one
+input sharing one call, as eagerly)."""
 
 import pytest
 
@@ -88,6 +89,28 @@ def test_a_compiled_model_runs_its_dense_head_as_the_eager_model_does():
             assert_same_logits(compiled(ids).logits, model(ids).logits)
     dense = torch.ops.mosbits.dense_linear.default
     assert sum(node.target is dense for gm in graphs for node in gm.graph.nodes) == len(graphs)
+
+
+def test_a_compiled_model_serves_layers_that_read_one_input_by_one_call(monkeypatch):
+    """Under torch.compile, the nodes of q, k and v (and of gate and up) are served as the eager layers are: the
+    first computes all of them in one group call (`mosbits.hf.fusion`), the others get their kept outputs; the
+    logits are the eager ones, bit for bit."""
+    import mosbits
+
+    model = packed_llama()
+    compiled = torch.compile(model, backend=recording_backend([]))
+    calls = []
+    group_call = mosbits.PreparedGroup.__call__
+    monkeypatch.setattr(mosbits.PreparedGroup, "__call__", lambda self, x: calls.append(1) or group_call(self, x))
+    with torch.no_grad():
+        for length in (1, 9):
+            ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
+            expected = model(ids).logits
+            calls.clear()
+            assert_same_logits(compiled(ids).logits, expected)
+            assert len(calls) == 4, length  # (q, k, v) and (gate, up) in 2 blocks
+    shared = [m.__dict__["_shared_input"] for m in model.modules() if "_shared_input" in m.__dict__]
+    assert shared and all(group.sharing for group in shared)
 
 
 def test_jit_trace_records_the_operator_not_a_constant():

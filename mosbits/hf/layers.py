@@ -201,9 +201,15 @@ class PackedMoSLinear(_MoSShape):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return packed_linear(x, self._held("signs"), self.in_features, s_in, self._held("s_out"),
                                  self._gate_router(), self._held("bias"), self.precision).to(dtype)
-        shared = self.__dict__.get("_shared_input")
-        y = self.prepared()(x) if shared is None else shared.output(self, source, x)
+        y = self.infer(source, x)
         return y if y.dtype == dtype else y.to(dtype)
+
+    def infer(self, source: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y (..., N) in the layer's dtype of x (..., K), ``source`` cast to the layer's dtype (or ``source``
+        itself), with no gradient: the prepared layer's output, or for a layer linked with the siblings that read
+        the same input (`mosbits.hf.fusion`), the output of one call for all of them."""
+        shared = self.__dict__.get("_shared_input")
+        return self.prepared()(x) if shared is None else shared.output(self, source, x)
 
     def _held(self, name: str) -> torch.Tensor | None:
         """The tensor ``name`` (a buffer, or a parameter while `trainable_scales` is on), read from the module's

@@ -4,8 +4,9 @@ Eagerly, `mosbits.hf.PackedMoSLinear` runs its prepared layer: Python that ``tor
 would trace into numba's dispatcher and fail) and that ``torch.jit.trace`` would record as a constant (the output
 of the traced call, whatever the later inputs). Under either, the layer calls this operator instead: the graph
 holds one opaque node per layer. At run time the node finds the live layer whose buffers it was given (the same
-memory, shape, dtype and strides: the lookup is by the signs' address, then checked tensor by tensor) and runs
-that layer's prepared layer, as the eager forward does, rebuilt when a buffer changes; for tensors that are no
+memory, shape, dtype and strides: the lookup is by the signs' address, then checked tensor by tensor) and serves
+it as the eager forward does (`PackedMoSLinear.infer`: its prepared layer, rebuilt when a buffer changes, or one
+call for the layers that read the same input, `mosbits.hf.fusion`); for tensors that are no
 live layer's buffers (a graph run after its model is gone, or a direct call) it does what ``mosbits.matmul``
 does eagerly (checks the arguments, takes the best installed backend for their device), twice as slow per
 token on SmolLM2. A fake implementation gives torch the output's shape and dtype. No autograd formula: train
@@ -44,16 +45,15 @@ def track(layer: Any) -> None:
     _LAYERS.add(layer)
 
 
-def _prepared_for(signs: torch.Tensor, *tensors: Any) -> mosbits.PreparedLayer | None:
-    """The prepared layer of the live layer whose buffers ``signs`` and ``tensors`` are (`PackedMoSLinear.serves`),
-    or None."""
+def _layer_for(signs: torch.Tensor, *tensors: Any) -> Any:
+    """The live layer whose buffers ``signs`` and ``tensors`` are (`PackedMoSLinear.serves`), or None."""
     layer = _layer_at(signs)
     if layer is not None and layer.serves(signs, *tensors):
-        return layer.prepared()
+        return layer
     _BY_SIGNS.clear()
     _BY_SIGNS.update((live.signs.data_ptr(), weakref.ref(live)) for live in list(_LAYERS))
     layer = _layer_at(signs)
-    return layer.prepared() if layer is not None and layer.serves(signs, *tensors) else None
+    return layer if layer is not None and layer.serves(signs, *tensors) else None
 
 
 def _layer_at(signs: torch.Tensor) -> Any:
@@ -76,9 +76,9 @@ def _packed_linear(x: torch.Tensor, signs: torch.Tensor, in_features: int, s_in:
     """y (..., N) in x's dtype for x (..., K): signs (N, 4 * ceil(K / 32)) uint8 in format v1, s_in (E, K),
     s_out (E, N), router (E, K) (a zero (1, K) row for E = 1), bias (N,) or None; ``precision`` as for
     ``mosbits.matmul``."""
-    prepared = _prepared_for(signs, in_features, s_in, s_out, router, bias, precision)
-    if prepared is not None:
-        return prepared(x)
+    layer = _layer_for(signs, in_features, s_in, s_out, router, bias, precision)
+    if layer is not None:
+        return layer.infer(x, x)
     packed = PackedSigns(signs, (signs.shape[0], in_features))
     return mosbits.matmul(x, packed, mosbits.Experts(s_in, s_out), router, bias=bias, precision=precision)
 
